@@ -1,0 +1,270 @@
+"""One config schema for every entrypoint: typed dataclasses, loaded from YAML or dicts.
+
+``ExperimentConfig`` holds the sections; the CLI, Ray Train, Tune search spaces and Serve all
+read the same object. Unknown keys are refused with a message naming them, values are checked
+against the field types, and ``to_dict`` / ``from_dict`` round-trip exactly.
+
+Overrides use dotted keys with YAML values: ``apply_overrides(cfg, ["model.d_model=256",
+"train.lr=1e-3"])``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config that does not fit the schema (unknown key, wrong type, bad value)."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a BitTransformerLM; the user guide's constructor arguments."""
+
+    d_model: int = 128
+    nhead: int = 8
+    num_layers: int = 4
+    dim_feedforward: int = 512
+    max_seq_len: int = 1024
+    dropout: float = 0.1
+    chunk_size: int | None = None  # local attention window (positions); None = full causal
+    reversible: bool = False
+    use_checkpoint: bool = False
+    lambda_K: float = 0.0
+    lambda_C: float = 0.0
+    lambda_S: float = 0.0
+    full_attn_logging: bool = False
+    use_autocast: bool = False
+    bit_embedding: str = "prefix"  # arch "bit": "prefix" (byte-aware) or "plain" (bit only)
+    arch: str = "bit"  # "bit": one position per bit; "byte_patch": one per patch of bytes
+    patch_bytes: int = 1  # bytes per global position (byte_patch only)
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.nhead:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by nhead ({self.nhead})")
+        for name in ("d_model", "nhead", "num_layers", "dim_feedforward", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ConfigError(f"model.chunk_size must be >= 1 or null, got {self.chunk_size}")
+        if self.arch not in ("bit", "byte_patch"):
+            raise ConfigError(f"model.arch must be 'bit' or 'byte_patch', got {self.arch!r}")
+        if self.bit_embedding not in ("prefix", "plain"):
+            raise ConfigError(f"model.bit_embedding must be 'prefix' or 'plain', got {self.bit_embedding!r}")
+        if self.patch_bytes < 1:
+            raise ConfigError(f"model.patch_bytes must be >= 1, got {self.patch_bytes}")
+        if self.reversible and self.use_checkpoint:
+            # Reversible blocks already recompute activations; checkpointing them again only
+            # adds a third forward pass.
+            self.use_checkpoint = False
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and loop settings shared by train_loop and the Ray Train workers."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4  # floor of the cosine schedule
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # "cosine" | "constant"
+    batch_size: int = 8
+    accum_steps: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    max_seconds: float | None = None
+    grad_clip: float = 1.0
+    amp: bool = False
+    compile_model: bool = False
+    seed: int = 0
+    eval_every: int = 100
+    eval_batches: int = 16
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        for name in ("batch_size", "accum_steps", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class DataConfig:
+    """Corpus and windowing. No inputs means the built-in corpus (pydoc_data.topics)."""
+
+    inputs: list[str] = field(default_factory=list)
+    text_field: str = "text"  # JSON Lines field / parquet column holding the text
+    window_bytes: int = 64  # bytes per training window (9 bits each)
+    stride_bytes: int | None = None  # None = window_bytes (no overlap)
+    val_fraction: float = 0.1
+    seed: int = 0
+    output_dir: str = "data/prepared"
+    shard_rows: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.window_bytes < 2:
+            raise ConfigError(f"data.window_bytes must be >= 2, got {self.window_bytes}")
+        if self.stride_bytes is not None and self.stride_bytes < 1:
+            raise ConfigError(f"data.stride_bytes must be >= 1, got {self.stride_bytes}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything one run needs. Sections are added as the platform grows."""
+
+    name: str = "bitlm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    """Check (and lightly coerce: int -> float) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__}")
+        (item_tp,) = typing.get_args(tp) or (Any,)
+        return [_check_value(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        section = where or cls.__name__
+        raise ConfigError(
+            f"unknown key(s) {', '.join(repr(k) for k in unknown)} in {section}; valid keys: {', '.join(names)}"
+        )
+    kwargs = {k: _check_value(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(str(e)) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain-dict (YAML/JSON-ready) form of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model.d_model": 128, ...}``: the dotted form used by MLflow params and Tune."""
+    out: dict[str, Any] = {}
+    for k, v in (to_dict(cfg) if dataclasses.is_dataclass(cfg) else cfg).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(cfg: T, overrides: list[str] | dict[str, Any]) -> T:
+    """Return a copy of ``cfg`` with dotted-key overrides applied and re-validated.
+
+    ``overrides`` is ``["model.d_model=256", ...]`` (values parsed as YAML) or a dict
+    ``{"model.d_model": 256}``.
+    """
+    items = overrides.items() if isinstance(overrides, dict) else map(_split_override, overrides)
+    data = to_dict(cfg)
+    for key, value in items:
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a config section")
+            node = node[part]
+        if parts[-1] not in node:
+            valid = ", ".join(node)
+            raise ConfigError(f"override {key!r}: unknown key {parts[-1]!r}; valid keys: {valid}")
+        node[parts[-1]] = value
+    return from_dict(type(cfg), data)
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. model.d_model=256)")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an ExperimentConfig from a YAML file (or defaults), then apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    cfg = from_dict(ExperimentConfig, data)
+    return apply_overrides(cfg, overrides or [])
+
+
+def dump_config(cfg: Any) -> str:
+    """YAML text of a config, as printed at the start of every run."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,66 @@
+import pytest
+import yaml
+
+from bitlm import ConfigError, ExperimentConfig, ModelConfig, load_config
+from bitlm.config import apply_overrides, dump_config, flatten, from_dict, to_dict
+
+
+def test_round_trip_through_dict_and_yaml(tmp_path):
+    cfg = apply_overrides(ExperimentConfig(), ["model.d_model=256", "train.lr=0.002", "data.inputs=[a.txt]"])
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+def test_unknown_keys_are_named():
+    with pytest.raises(ConfigError, match="'d_modle'.*valid keys: d_model"):
+        from_dict(ExperimentConfig, {"model": {"d_modle": 64}})
+    with pytest.raises(ConfigError, match="'optimiser'"):
+        from_dict(ExperimentConfig, {"optimiser": {}})
+    with pytest.raises(ConfigError, match="unknown key 'nope'"):
+        apply_overrides(ExperimentConfig(), ["train.nope=1"])
+
+
+def test_types_are_checked():
+    with pytest.raises(ConfigError, match="model.d_model must be an integer"):
+        from_dict(ExperimentConfig, {"model": {"d_model": "big"}})
+    with pytest.raises(ConfigError, match="true/false"):
+        from_dict(ExperimentConfig, {"model": {"reversible": "yes"}})
+    with pytest.raises(ConfigError, match="integer"):
+        from_dict(ExperimentConfig, {"model": {"num_layers": True}})
+    cfg = from_dict(ExperimentConfig, {"train": {"lr": 1}})  # ints are fine for floats
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_values_are_validated():
+    with pytest.raises(ConfigError, match="divisible"):
+        ModelConfig(d_model=30, nhead=4)
+    with pytest.raises(ConfigError, match="arch"):
+        from_dict(ModelConfig, {"arch": "token"})
+
+
+def test_overrides_parse_yaml_values_and_flatten():
+    cfg = apply_overrides(ExperimentConfig(), ["model.chunk_size=null", "train.max_steps=5", "model.reversible=true"])
+    assert cfg.model.chunk_size is None and cfg.train.max_steps == 5 and cfg.model.reversible
+    flat = flatten(cfg)
+    assert flat["model.d_model"] == cfg.model.d_model and "train.lr" in flat
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(cfg, ["model.d_model"])
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    paths = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
+    assert paths, "configs/ holds the experiment configs"
+    for path in paths:
+        cfg = load_config(path)
+        assert yaml.safe_load(dump_config(cfg))["model"]["d_model"] == cfg.model.d_model
+
+
+def test_bad_yaml_is_reported(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)

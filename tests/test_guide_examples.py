@@ -1,0 +1,212 @@
+"""The user guide's examples, run as written with ``bitlm`` imports (sizes scaled down).
+
+Each test keeps the guide's code shape and names; comments mark where sizes or undefined
+names of the guide were filled in.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def test_quick_start_minimal_example():
+    from bitlm import BitTransformerLM, example_training_step  # noqa: F401
+
+    # Run basic example
+    loss, telemetry = example_training_step()
+    print(f"Training loss: {loss}")
+    print(f"Available telemetry: {list(telemetry.keys())}")
+    assert isinstance(loss, float) and {"activations", "attention_maps"} <= telemetry.keys()
+
+
+def test_quick_start_text_processing():
+    from bitlm import BitTransformerLM, text_to_bits
+
+    # Create model
+    model = BitTransformerLM(d_model=128, nhead=4, num_layers=2, dim_feedforward=256, max_seq_len=256)
+    # Convert text to bits and process
+    text = "Hello, world!"
+    bits = text_to_bits(text)
+    bit_tensor = torch.tensor(bits).unsqueeze(0)
+    # Forward pass
+    logits, telemetry = model(bit_tensor)
+    print(f"Input bits: {len(bits)}")
+    print(f"Output shape: {logits.shape}")
+    print(f"Telemetry metrics: {list(telemetry.keys())}")
+    assert len(bits) == 117 and logits.shape == (1, 117, 2)
+
+
+def test_creating_models():
+    from bitlm import BitTransformerLM
+
+    small_model = BitTransformerLM(
+        d_model=64,
+        nhead=4,
+        num_layers=2,
+        dim_feedforward=128,
+        max_seq_len=128,
+        reversible=True,
+        use_checkpoint=True,
+    )
+    medium_model = BitTransformerLM(
+        d_model=128,  # guide: 512
+        nhead=8,
+        num_layers=2,  # guide: 8 layers
+        dim_feedforward=256,
+        max_seq_len=512,
+        reversible=True,
+        use_checkpoint=True,
+        chunk_size=64,
+        lambda_K=0.1,
+        lambda_C=0.1,
+        lambda_S=0.1,
+    )
+    bits = torch.randint(0, 2, (2, 128))
+    assert small_model(bits)[0].shape == (2, 128, 2)
+    assert medium_model(bits)[0].shape == (2, 128, 2)
+
+
+def test_text_generation():
+    from bitlm import BitTransformerLM
+    from bitlm.bit_io import sample_text
+
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=512)
+    # Generate text from prompt
+    prompt = "The future of AI is"
+    generated = sample_text(model, prompt=prompt, max_new_tokens=20, temperature=0.8, top_p=0.9)
+    print(f"Generated: {generated}")
+    assert isinstance(generated, str)
+
+
+def test_safe_inference():
+    import torch
+
+    from bitlm import BitTransformerLM, hil_safe_inference, text_to_bits
+
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=256)
+    # Convert text to bits
+    text = "Hello, world!"
+    bits = torch.tensor(text_to_bits(text)).unsqueeze(0)
+    outcome = None
+    try:
+        output_bits, telemetry = hil_safe_inference(model, bits, c_floor=0.3, s_floor=0.5, strict=True)
+        print("✅ Safe inference completed")
+        print(f"K (Negentropy): {telemetry.get('negentropy_logits', 'N/A')}")
+        print(f"C (Complexity): {telemetry.get('lz_complexity_logits', 'N/A')}")
+        print(f"S (Symbiosis): {telemetry.get('symbiosis_score', 'N/A')}")
+        outcome = "passed"
+    except Exception as e:
+        print(f"⚠️ Safety check failed: {e}")
+        outcome = "blocked"
+    assert outcome == "passed"  # an untrained model predicts near-uniform bits: high C and S
+
+
+def test_safety_gates():
+    from bitlm import BitTransformerLM, text_to_bits
+    from bitlm.safety import SafetyGate, safe_sample_with_retry
+
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=512)
+    input_bits = text_to_bits("Safety first")  # the guide leaves input_bits undefined
+    # Configure safety gate
+    gate = SafetyGate(c_floor=0.3, s_floor=0.5, decay=0.9, burn_in=10)
+    should_block = gate.should_trigger(c_val=0.2, s_val=0.4)
+    # The guide's comment says True; during burn-in the gate never blocks (see SafetyGate).
+    assert should_block is False
+    for _ in range(10):
+        should_block = gate.should_trigger(c_val=0.2, s_val=0.4)
+    assert should_block is True
+    output = safe_sample_with_retry(model, input_bits, max_retries=3, retry_strategy="temperature")
+    assert output[0].shape[1] > len(input_bits)
+
+
+def test_metric_drift():
+    from bitlm.telemetry import detect_metric_drift
+
+    metrics_history = [
+        {"K": 0.5, "C": 0.6, "S": 0.7},
+        {"K": 0.52, "C": 0.58, "S": 0.69},
+        {"K": 0.8, "C": 0.9, "S": 0.4},  # Drift detected!
+    ]
+    drift_detected = detect_metric_drift(metrics_history, window=10, threshold=0.2)
+    if drift_detected:
+        print("⚠️ Model behavior drift detected!")
+    assert drift_detected
+
+
+def test_compression_pipeline():
+    from bitlm import compress_bits, decompress_bits
+
+    original_bits = torch.tensor([0, 0, 0, 1, 1, 0, 1, 1, 1])
+    compressed = compress_bits(original_bits)
+    decompressed = decompress_bits(compressed)
+    print(f"Original: {original_bits}")
+    print(f"Compressed: {compressed}")
+    print(f"Decompressed: {decompressed}")
+    print(f"Compression ratio: {len(original_bits) / len(compressed):.2f}")
+    assert torch.equal(decompressed, original_bits)
+
+
+def test_basic_training_script():
+    import torch
+
+    from bitlm import BitTransformerLM, configure_optimizer, train_loop
+    from bitlm.bit_io import text_to_bits
+
+    texts = ["Hello world", "How are you?", "BitTransformer is working!"]
+    all_bits = []
+    for text in texts:
+        bits = text_to_bits(text)
+        all_bits.extend(bits)
+    data = torch.tensor(all_bits)
+    sequences = data.unfold(0, 64, 32)  # 64-bit sequences with 32-bit stride
+    model = BitTransformerLM(
+        d_model=32,  # guide: 128
+        nhead=8,
+        num_layers=2,  # guide: 4
+        dim_feedforward=64,
+        max_seq_len=64,
+        reversible=True,
+    )
+    optimizer = configure_optimizer(model, lr=0.001, weight_decay=0.01)
+    history = train_loop(model, sequences, epochs=10, batch_size=4, optimizer=optimizer, amp=True, log=True)
+    assert len(history.steps) == 10 * (len(sequences) // 4)
+
+
+def test_custom_training_loop():
+    from bitlm import BitTransformerLM, text_to_bits
+    from bitlm.utils import set_dropout
+
+    model = BitTransformerLM(
+        d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=63, lambda_K=0.1, lambda_C=0.1
+    )
+    data = torch.tensor(text_to_bits("custom loops give full control. " * 4)).unfold(0, 63, 63)
+    data_loader = torch.utils.data.DataLoader(data, batch_size=4)  # the guide leaves it undefined
+
+    model.train()
+    set_dropout(model, 0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.001)
+    criterion = F.cross_entropy
+    losses = []
+    for epoch in range(3):  # guide: 10
+        total_loss = 0
+        for batch in data_loader:
+            optimizer.zero_grad()
+            logits, telemetry = model(batch)
+            if logits.dim() == 3:
+                targets = batch[:, 1:]
+                logits = logits[:, :-1]
+                loss = criterion(logits.reshape(-1, 2), targets.reshape(-1))
+            else:
+                loss = criterion(logits, batch)
+            if model.lambda_K > 0:
+                loss += model.lambda_K * (1 - telemetry.get("negentropy_logits", 0))
+            if model.lambda_C > 0:
+                loss += model.lambda_C * (1 - telemetry.get("lz_complexity_logits", 0))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            total_loss += loss.item()
+            if telemetry.get("symbiosis_score", 1.0) < 0.3:
+                print("⚠️ Low symbiosis score detected")
+        print(f"Epoch {epoch}: Average loss = {total_loss / len(data_loader):.4f}")
+        losses.append(total_loss)
+    assert losses[-1] < losses[0]

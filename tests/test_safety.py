@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from bitlm import BitTransformerLM, SafetyError, SafetyGate, hil_safe_inference, safe_sample_with_retry, text_to_bits
+from bitlm.safety import assess_generation
+
+TINY = dict(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=512, dropout=0.0)
+
+
+def test_gate_burn_in_then_ema():
+    gate = SafetyGate(c_floor=0.3, s_floor=0.5, decay=0.9, burn_in=2)
+    assert not gate.should_trigger(0.1, 0.1)  # burn-in
+    assert not gate.should_trigger(0.1, 0.1)
+    assert gate.should_trigger(0.1, 0.1)
+    assert gate.failed_metrics().keys() == {"C", "S"}
+
+
+def test_gate_ema_smooths_single_dips():
+    gate = SafetyGate(c_floor=0.3, s_floor=0.5, decay=0.9, burn_in=0)
+    for _ in range(5):
+        assert not gate.should_trigger(0.8, 0.9)
+    assert not gate.should_trigger(0.0, 0.9)  # one bad value: EMA 0.72
+    for _ in range(30):
+        triggered = gate.should_trigger(0.0, 0.9)
+    assert triggered and gate.ema_c < 0.3
+
+
+def test_gate_rejects_bad_settings():
+    with pytest.raises(ValueError):
+        SafetyGate(decay=1.5)
+
+
+def test_hil_safe_inference_passes_and_blocks():
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY)
+    bits = torch.tensor(text_to_bits("Hello, world!")).unsqueeze(0)
+    out, tel = hil_safe_inference(model, bits, c_floor=0.0, s_floor=0.0)
+    assert out.shape == bits.shape
+    with pytest.raises(SafetyError) as info:
+        hil_safe_inference(model, bits, c_floor=1.01, s_floor=0.0, strict=True)
+    assert "C=" in str(info.value) and "C" in info.value.metrics
+    with pytest.warns(UserWarning, match="blocked"):
+        hil_safe_inference(model, bits, c_floor=1.01, s_floor=0.0, strict=False)
+
+
+def _degenerate_model():
+    """A model that always predicts bit 0 with certainty: its text is a run of NUL bytes."""
+    model = BitTransformerLM(**TINY)
+    with torch.no_grad():
+        model.io.head.weight.zero_()
+        model.io.head.bias.copy_(torch.tensor([20.0, -20.0]))
+    return model
+
+
+def test_degenerate_output_is_blocked_after_retries():
+    model = _degenerate_model()
+    with pytest.raises(SafetyError, match="C=.*after 3 attempts"):
+        safe_sample_with_retry(model, text_to_bits("hi"), max_retries=2, max_new_bytes=32, c_floor=0.3, s_floor=0.0)
+
+
+def test_varied_output_passes_with_telemetry():
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY)
+    out, tel = safe_sample_with_retry(model, text_to_bits("hi"), max_new_bytes=32, c_floor=0.3, s_floor=0.1, seed=0)
+    assert out.shape == (1, 18 + 32 * 9)
+    assert tel["gate"]["passed"] and 0 <= tel["C"] <= 1 and tel["attempts"][0]["attempt"] == 0
+
+
+def test_assess_generation_scores_repetition_low():
+    rep = torch.tensor(text_to_bits("ab" * 40))
+    logits = torch.zeros(rep.numel(), 2)
+    report = assess_generation(rep, logits, c_floor=0.3, s_floor=0.0)
+    assert not report.passed and report.C < 0.3
