@@ -232,16 +232,21 @@ def evaluate(
     max_batches: int | None = None,
     amp: bool = False,
 ) -> dict[str, float]:
-    """Validation ``{"val_loss", "val_bpb", "val_parity_bpb"}`` over windows (N, T)."""
+    """Validation ``{"val_loss", "val_bpb", "val_parity_bpb"}`` over windows (N, T).
+
+    With ``max_batches`` it reads that many batches of windows spread evenly over ``data``
+    (the same ones every call), so a partial evaluation still samples the whole split.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    data = torch.as_tensor(data)
+    if max_batches is not None and len(data) > max_batches * batch_size:
+        data = data[torch.linspace(0, len(data) - 1, max_batches * batch_size).long()]
     totals = {"loss": 0.0, "bpb": 0.0, "parity_bpb": 0.0}
     n = 0
     for i in range(0, len(data), batch_size):
-        if max_batches is not None and i // batch_size >= max_batches:
-            break
-        batch = torch.as_tensor(data[i : i + batch_size]).long().to(device)
+        batch = data[i : i + batch_size].long().to(device)
         with _autocast(amp, device):
             logits, _ = model(batch)
         w = batch.size(0)
