@@ -20,7 +20,9 @@ from .config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, Trai
 from .corpus import builtin_corpus, builtin_split, byte_windows
 from .generate import generate_bits, iter_generate, sample_text
 from .model import BitTransformerLM, KVCache, infer_long_sequence
+from .quantization import convert_qat_fx, prepare_qat_fx, quantize_dynamic
 from .safety import SafetyError, SafetyGate, hil_safe_inference, safe_sample_with_retry
+from .scale import expand_model, expand_optimizer
 from .telemetry import (
     detect_metric_drift,
     lz_complexity,
@@ -29,6 +31,7 @@ from .telemetry import (
     negentropy_logits,
     symbiosis_score,
 )
+from .torch_utils import cpu_autocast
 from .training import (
     Trainer,
     TrainHistory,
@@ -43,6 +46,12 @@ from .training import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "cpu_autocast",
+    "expand_optimizer",
+    "expand_model",
+    "quantize_dynamic",
+    "prepare_qat_fx",
+    "convert_qat_fx",
     "BitTransformerLM",
     "CheckpointError",
     "ConfigError",

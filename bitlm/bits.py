@@ -227,3 +227,17 @@ def _like_rle(arr: np.ndarray, template: Any) -> Any:
     if isinstance(template, torch.Tensor):
         return torch.from_numpy(arr)
     return arr if isinstance(template, np.ndarray) else arr.tolist()
+
+
+def rle_bit_stream(bits: Any) -> np.ndarray:
+    """The run-length-compressed form of a bit sequence, written as bits.
+
+    Each ``(bit, run_length)`` pair of :func:`compress_bits` becomes one 9-bit group: the run's
+    bit, then its length (1..255) in 8 bits, MSB first. ``[1, 1, 1, 0]`` becomes
+    ``[1, 0,0,0,0,0,0,1,1,  0, 0,0,0,0,0,0,0,1]``. This is what compression training feeds
+    the model (see bitlm.training.Trainer).
+    """
+    pairs = np.asarray(compress_bits(np.asarray(_as_numpy_bits(bits)).reshape(-1)), dtype=np.uint8)
+    values, lengths = pairs[0::2], pairs[1::2]
+    groups = np.concatenate([values[:, None], np.unpackbits(lengths[:, None], axis=1)], axis=1)
+    return groups.reshape(-1)

@@ -27,15 +27,25 @@ class CheckpointError(ValueError):
     """A path that is not a loadable bitlm checkpoint."""
 
 
-def save_pretrained(model: torch.nn.Module, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model``'s config and weights to ``directory`` (created if needed)."""
+def save_pretrained(
+    model: torch.nn.Module,
+    directory: str | Path,
+    extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write ``model``'s config and weights to ``directory`` (created if needed).
+
+    ``state_dict`` overrides the weights written, e.g. the gathered full state of a sharded
+    model (bitlm.distributed.full_state_dict).
+    """
     from .training import unwrap
 
     model = unwrap(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {"format": FORMAT, "version": VERSION, "model": to_dict(model.config), "extra": extra or {}}
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     save_file(weights, str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return directory

@@ -91,13 +91,36 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 16
     log_every: int = 10
+    # objectives and curricula (see bitlm.training.Trainer and bitlm.schedules)
+    compress_prob: float = 0.0
+    compress_warmup: int = 0
+    direct_prob: float = 0.0
+    diffusion: bool = False
+    diffusion_curriculum: bool = False
+    diffusion_steps: int = 8
+    noise_schedule: str = "linear"
+    seq_ramp_start_bytes: int | None = None
+    seq_ramp_steps: int = 0
+    # progressive scaling inside train_loop (off unless scale_patience is set)
+    scale_patience: int | None = None
+    scale_min_delta: float = 0.0
+    scale_strategies: list[str] = field(default_factory=lambda: ["depth", "width", "context"])
+    scale_max_params: int | None = None
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        for name in ("batch_size", "accum_steps", "epochs"):
+        for name in ("batch_size", "accum_steps", "epochs", "diffusion_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.noise_schedule not in ("linear", "cosine", "exp"):
+            raise ConfigError(f"train.noise_schedule must be linear, cosine or exp, got {self.noise_schedule!r}")
+        for name in ("compress_prob", "direct_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
+        bad = [s for s in self.scale_strategies if s not in ("depth", "width", "context")]
+        if bad:
+            raise ConfigError(f"train.scale_strategies: unknown strategy {bad[0]!r} (depth, width, context)")
 
 
 @dataclass

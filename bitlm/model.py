@@ -54,13 +54,13 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
-def _window_mask(T: int, S: int, window: int | None, device: torch.device) -> torch.Tensor:
+def _window_mask(T: int, S: int, window: int | None, device: torch.device, causal: bool = True) -> torch.Tensor:
     """(T, S) bool: query i (absolute position S - T + i) may attend key j."""
     q = torch.arange(S - T, S, device=device)[:, None]
     k = torch.arange(S, device=device)[None, :]
-    allowed = k <= q
+    allowed = k <= q if causal else torch.ones(T, S, dtype=torch.bool, device=device)
     if window is not None:
-        allowed &= (q - k) < window
+        allowed &= (q - k).abs() < window
     return allowed
 
 
@@ -93,7 +93,14 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        need_weights: bool = False,
+        causal: bool = True,
+    ):
         B, T, C = x.shape
         H, D = self.nhead, C // self.nhead
         q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
@@ -104,9 +111,12 @@ class CausalSelfAttention(nn.Module):
         att = None
         if need_weights:
             att = (q @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, T, S)
-            att = att.masked_fill(~_window_mask(T, S, self.chunk_size, x.device), float("-inf"))
+            att = att.masked_fill(~_window_mask(T, S, self.chunk_size, x.device, causal), float("-inf"))
             att = F.softmax(att.float(), dim=-1).to(q.dtype)
             y = F.dropout(att, p, self.training) @ v
+        elif not causal:  # diffusion mode: every position sees the whole window
+            mask = None if self.chunk_size is None else _window_mask(T, S, self.chunk_size, x.device, False)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         elif S == T and (self.chunk_size is None or T <= self.chunk_size):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         elif S == T:
@@ -142,21 +152,21 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def f(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
-        y, att = self.attn(self.ln1(x), cache, layer, need_weights)
+    def f(self, x: torch.Tensor, cache=None, layer: int = 0, need_weights: bool = False, causal: bool = True):
+        y, att = self.attn(self.ln1(x), cache, layer, need_weights, causal)
         return self.drop(y), att
 
     def g(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.mlp(self.ln2(x)))
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, need_weights: bool = False):
-        a, att = self.f(x, cache, layer, need_weights)
+    def forward(self, x: torch.Tensor, cache=None, layer: int = 0, need_weights: bool = False, causal: bool = True):
+        a, att = self.f(x, cache, layer, need_weights, causal)
         x = x + a
         return x + self.g(x), att
 
 
-def _block_plain(block: Block, x: torch.Tensor) -> torch.Tensor:
-    return block(x)[0]
+def _block_plain(block: Block, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    return block(x, causal=causal)[0]
 
 
 class BitTransformerLM(nn.Module):
@@ -235,40 +245,46 @@ class BitTransformerLM(nn.Module):
         bits: torch.Tensor,
         cache: KVCache | None = None,
         return_attention: bool | None = None,
+        causal: bool = True,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Next-bit logits (B, T, 2) and telemetry for bits (B, T) (or (T,) for one sequence).
 
         With a ``cache`` the call continues the sequence the cache has seen: ``bits`` are the
         new bits only, and the logits equal the full forward pass's at those positions.
+        ``causal=False`` is diffusion mode: attention sees the whole window and ``logits[:, t]``
+        is the model's belief about the clean value of bit t itself (see bitlm.diffusion).
         """
         bits = _check_bits(bits)
+        if not causal and (cache is not None or self.config.arch != "bit"):
+            raise ValueError("diffusion mode (causal=False) needs arch='bit' and no KV cache")
         need_weights = self.config.full_attn_logging if return_attention is None else return_attention
         autocast = torch.autocast(
             "cpu", dtype=torch.bfloat16, enabled=self.config.use_autocast and bits.device.type == "cpu"
         )
         with autocast:
-            x, pos = self.io.embed(bits, cache)  # (B, P, C), positions (P,)
-            if pos.numel() and int(pos[-1]) >= self.pos_emb.num_embeddings:
+            x, start = self.io.embed(bits, cache)  # (B, P, C), first position's index
+            if start + x.size(1) > self.pos_emb.num_embeddings:
                 raise ValueError(
-                    f"sequence needs {int(pos[-1]) + 1} positions but max_seq_len allows "
+                    f"sequence needs {start + x.size(1)} positions but max_seq_len allows "
                     f"{self.pos_emb.num_embeddings}; use infer_long_sequence() or a larger "
                     "max_seq_len"
                 )
+            pos = torch.arange(start, start + x.size(1), device=bits.device)
             x = self.drop(x + self.pos_emb(pos))
-            h, acts, atts = self._run_blocks(x, cache, need_weights)
+            h, acts, atts = self._run_blocks(x, cache, need_weights, causal)
             h = self.ln_f(h)
             logits = self.io.logits(h, bits, cache).float()  # (B, T, 2)
         if cache is not None:
             cache.length += x.size(1)
         return logits, self._telemetry(logits, bits, acts, atts)
 
-    def _run_blocks(self, x: torch.Tensor, cache: KVCache | None, need_weights: bool):
+    def _run_blocks(self, x: torch.Tensor, cache: KVCache | None, need_weights: bool, causal: bool = True):
         acts: list[torch.Tensor] = []
         atts: list[torch.Tensor] = []
         if self.config.reversible and cache is None and not need_weights:
             from .reversible import reversible_stack
 
-            return reversible_stack(self.blocks, x), acts, atts
+            return reversible_stack(self.blocks, x, causal), acts, atts
         ckpt = self.config.use_checkpoint and self.training and cache is None and not need_weights
         keep_acts = not (self.training and (self.config.reversible or self.config.use_checkpoint))
         if self.config.reversible:
@@ -277,15 +293,15 @@ class BitTransformerLM(nn.Module):
             if self.config.reversible:
                 # The same coupling as the reversible stack, run with stored activations
                 # (incremental decoding and attention logging need the per-layer state).
-                a, att = block.f(x2, cache, i, need_weights)
+                a, att = block.f(x2, cache, i, need_weights, causal)
                 x1 = x1 + a
                 x2 = x2 + block.g(x1)
                 x = (x1 + x2) / 2
             elif ckpt:
-                x = checkpoint(_block_plain, block, x, use_reentrant=False)
+                x = checkpoint(_block_plain, block, x, causal, use_reentrant=False)
                 att = None
             else:
-                x, att = block(x, cache, i, need_weights)
+                x, att = block(x, cache, i, need_weights, causal)
             if keep_acts:
                 acts.append(x.detach())
             if att is not None:
@@ -339,9 +355,8 @@ class BitIO(nn.Module):
 
     def embed(self, bits: torch.Tensor, cache: KVCache | None):
         start = cache.length if cache is not None else 0
-        pos = torch.arange(start, start + bits.size(1), device=bits.device)
         if not self.prefix:
-            return self.bit_emb(bits), pos
+            return self.bit_emb(bits), start
         tail = cache.state.get("tail") if cache is not None else None
         ctx = bits if tail is None else torch.cat([tail, bits], dim=1)
         ctx_start = start - (0 if tail is None else tail.size(1))
@@ -354,7 +369,7 @@ class BitIO(nn.Module):
             keep_from = max(ctx_start, (end // 9 - 1) * 9)
             cache.state["tail"] = ctx[:, keep_from - ctx_start :]
         x = self.node_emb(node[:, -T:]) + self.prev_emb(prev[:, -T:])
-        return x, pos
+        return x, start
 
     def logits(self, h: torch.Tensor, bits: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         return self.head(h)
@@ -388,7 +403,7 @@ def _check_bits(bits: Any) -> torch.Tensor:
         raise ValueError(f"bits must have shape (batch, seq_len), got {tuple(bits.shape)}")
     if bits.dtype.is_floating_point or bits.dtype == torch.bool:
         bits = bits.long()
-    if bits.numel() and (bits.min() < 0 or bits.max() > 1):
+    if not torch.compiler.is_compiling() and bits.numel() and (bits.min() < 0 or bits.max() > 1):
         raise ValueError("bits must hold only 0 and 1")
     return bits.long()
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn as nn
 
 
-def coupled_stack(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+def coupled_stack(blocks: nn.ModuleList, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
     x1, x2 = x, x
     for block in blocks:
-        x1 = x1 + block.f(x2)[0]
+        x1 = x1 + block.f(x2, causal=causal)[0]
         x2 = x2 + block.g(x1)
     return (x1 + x2) / 2
 
@@ -55,8 +55,8 @@ def _branch_params(block: nn.Module, branch: str) -> list[nn.Parameter]:
 
 class _ReversibleStack(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, blocks, *params):
-        ctx.blocks = blocks
+    def forward(ctx, x, blocks, causal, *params):
+        ctx.blocks, ctx.causal = blocks, causal
         ctx.autocast = (
             x.device.type,
             torch.is_autocast_enabled(x.device.type),
@@ -67,7 +67,7 @@ class _ReversibleStack(torch.autograd.Function):
             x1, x2 = x, x
             for block in blocks:
                 s_f = _rng_state(x.device)
-                x1 = x1 + block.f(x2)[0]
+                x1 = x1 + block.f(x2, causal=causal)[0]
                 s_g = _rng_state(x.device)
                 x2 = x2 + block.g(x1)
                 states.append((s_f, s_g))
@@ -97,18 +97,18 @@ class _ReversibleStack(torch.autograd.Function):
                 dy1 = dy1 + differentiate(g, y1_, _branch_params(block, "g"), dy2)
                 x2 = (y2 - g).detach().requires_grad_()
                 with _restored_rng(s_f, y1.device):
-                    f = block.f(x2)[0]
+                    f = block.f(x2, causal=ctx.causal)[0]
                 dx2 = dy2 + differentiate(f, x2, _branch_params(block, "f"), dy1)
             y1, y2 = (y1 - f).detach(), x2.detach()
             dy2 = dx2
         dx = dy1 + dy2  # both streams started as x
         params = [p for block in ctx.blocks for p in block.parameters()]
-        return (dx, None, *(grads.get(id(p)) for p in params))
+        return (dx, None, None, *(grads.get(id(p)) for p in params))
 
 
-def reversible_stack(blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+def reversible_stack(blocks: nn.ModuleList, x: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """The coupled stack with O(1)-in-depth activation memory (see the module docstring)."""
     if not torch.is_grad_enabled():
-        return coupled_stack(blocks, x)
+        return coupled_stack(blocks, x, causal)
     params = [p for block in blocks for p in block.parameters()]
-    return _ReversibleStack.apply(x, blocks, *params)
+    return _ReversibleStack.apply(x, blocks, causal, *params)

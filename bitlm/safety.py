@@ -22,9 +22,10 @@ from .telemetry import lz_complexity, negentropy_logits, symbiosis_score, teleme
 class SafetyError(RuntimeError):
     """Output blocked by the safety gate; ``metrics`` holds the values that failed."""
 
-    def __init__(self, message: str, metrics: dict[str, float] | None = None):
+    def __init__(self, message: str, metrics: dict[str, float] | None = None, attempts: list | None = None):
         super().__init__(message)
         self.metrics = metrics or {}
+        self.attempts = attempts or []
 
 
 class SafetyGate:
@@ -188,4 +189,5 @@ def safe_sample_with_retry(
     raise SafetyError(
         _blocked_message(last["failed"], c_floor, s_floor) + f" after {len(reports)} attempts",
         last["failed"],
+        reports,
     )

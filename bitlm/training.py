@@ -28,8 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bits import rle_bit_stream
 from .config import ModelConfig, TrainConfig
+from .diffusion import diffusion_levels, diffusion_loss
 from .model import BitTransformerLM
+from .schedules import compress_probability, diffusion_noise_scale, sequence_length
 from .telemetry import telemetry_summary
 
 LN2 = math.log(2)
@@ -62,9 +65,32 @@ def bits_per_byte(logits: torch.Tensor, bits: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def next_bit_loss(logits: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """Mean next-bit cross-entropy in nats over every predicted position."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, 2).float(), bits[:, 1:].reshape(-1))
+def next_bit_loss(logits: torch.Tensor, bits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-bit cross-entropy in nats over the predicted positions ``mask`` (B, T-1)
+    selects (default: all of them)."""
+    if mask is None:
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 2).float(), bits[:, 1:].reshape(-1))
+    nll = F.cross_entropy(logits[:, :-1].reshape(-1, 2).float(), bits[:, 1:].reshape(-1), reduction="none")
+    mask = mask.reshape(-1).float()
+    return (nll * mask).sum() / mask.sum().clamp_min(1)
+
+
+def compressed_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each window replaced by its run-length-compressed form (bitlm.bits.rle_bit_stream),
+    cut or zero-padded to the window length, and a (B, T) mask of the real positions."""
+    B, T = batch.shape
+    out = torch.zeros_like(batch)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=batch.device)
+    for i, row in enumerate(batch.cpu().numpy()):  # one call per window; vectorized within it
+        stream = torch.from_numpy(rle_bit_stream(row)[:T]).to(batch.device)
+        out[i, : stream.numel()] = stream
+        mask[i, : stream.numel()] = True
+    return out, mask
+
+
+def data_bit_mask(T: int, device: torch.device | None = None) -> torch.Tensor:
+    """(T,) True at data-bit positions (phase 0..7) of a byte-aligned window."""
+    return torch.arange(T, device=device) % 9 < 8
 
 
 def telemetry_penalty(model: nn.Module, telemetry: dict[str, Any]) -> torch.Tensor | float:
@@ -142,6 +168,26 @@ class Trainer:
     ``train_step(micro_batches)`` runs forward/backward over the micro-batches (gradient
     accumulation) and one optimizer step, and returns the step's record. ``evaluate(data)``
     returns validation loss and bpb. ``state_dict()`` holds what a resume needs.
+
+    The objective of each micro-batch is drawn from the config, with the trainer's own seeded
+    generator (its state is part of ``state_dict``):
+
+    - next-bit prediction on the window, the default;
+    - with probability ``compress_probability(step, compress_prob, compress_warmup)``, the
+      window's *compressed form*: its run-length pairs written as 9-bit groups (the run's bit,
+      then its length in 8 bits; bitlm.bits.rle_bit_stream), cut to the window length. The
+      model reads that stream and predicts its next bit, so it learns the statistics of runs
+      rather than of bytes; padding past a short stream carries no loss;
+    - with probability ``direct_prob``, *direct bit prediction*: the loss is taken on the
+      data bits only, the parity positions carry none. That is exactly what generation samples
+      (the codec sets parity), with no capacity spent on the parity bit;
+    - with ``diffusion``, the denoising objective of bitlm.diffusion instead of next-bit
+      prediction (compression and direct apply to it the same way), with noise levels drawn
+      from ``noise_schedule`` and, with ``diffusion_curriculum``, scaled down over training.
+
+    With ``seq_ramp_start_bytes`` and ``seq_ramp_steps`` the windows are cut to
+    ``sequence_length(step, ...)`` bits first (short windows early, the full context later).
+    bpb and parity bpb are reported for plain next-bit batches only.
     """
 
     def __init__(
@@ -154,18 +200,49 @@ class Trainer:
         self.model, self.cfg, self.total_steps = model, cfg, total_steps
         self.optimizer = optimizer or configure_optimizer(model, cfg.lr, cfg.weight_decay)
         self.step = 0
+        self.rng = torch.Generator().manual_seed(cfg.seed)
         self.forward = model
         if cfg.compile_model:
             self.forward = _compile(model)
 
+    def _draw(self, p: float) -> bool:
+        return p > 0 and float(torch.rand((), generator=self.rng)) < p
+
     def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        logits, telemetry = self.forward(batch)
-        loss = next_bit_loss(logits, batch)
-        return loss + telemetry_penalty(self.model, telemetry), {
-            "loss": loss.item(),
-            **bits_per_byte(logits.detach(), batch),
-            **telemetry_summary(telemetry),
-        }
+        cfg, B, T = self.cfg, batch.size(0), batch.size(1)
+        mask = None
+        compressed = self._draw(compress_probability(self.step, cfg.compress_prob, cfg.compress_warmup))
+        if compressed:
+            batch, mask = compressed_batch(batch)
+        direct = self._draw(cfg.direct_prob)
+        stats: dict[str, Any] = {"compressed": float(compressed), "direct": float(direct)}
+        if cfg.diffusion:
+            if direct:
+                data = data_bit_mask(T, batch.device).expand(B, T)
+                mask = data if mask is None else mask & data
+            scale = diffusion_noise_scale(self.step, self.total_steps) if cfg.diffusion_curriculum else 1.0
+            levels = diffusion_levels(B, cfg.noise_schedule, scale, self.rng)
+            loss, telemetry = diffusion_loss(self.forward, batch, levels, self.rng, mask)
+            stats["noise_scale"] = scale
+        else:
+            if mask is not None:
+                mask = mask[:, 1:]
+            if direct:
+                data = data_bit_mask(T, batch.device)[1:].expand(B, T - 1)
+                mask = data if mask is None else mask & data
+            logits, telemetry = self.forward(batch)
+            loss = next_bit_loss(logits, batch, mask)
+            if mask is None:
+                stats.update(bits_per_byte(logits.detach(), batch))
+        stats["loss"] = loss.item()
+        stats.update(telemetry_summary(telemetry))
+        return loss + telemetry_penalty(self.model, telemetry), stats
+
+    def _cut(self, batch: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if cfg.seq_ramp_start_bytes is None or not cfg.seq_ramp_steps:
+            return batch
+        return batch[:, : sequence_length(self.step, batch.size(1), 9 * cfg.seq_ramp_start_bytes, cfg.seq_ramp_steps)]
 
     def train_step(self, micro_batches: Sequence[torch.Tensor], progress: float | None = None) -> dict[str, Any]:
         self.model.train()
@@ -174,9 +251,12 @@ class Trainer:
             group["lr"] = lr
         device = next(self.model.parameters()).device
         records = []
+        n_bits = 0
         for batch in micro_batches:
+            batch = self._cut(batch.to(device))
+            n_bits += batch.numel()
             with _autocast(self.cfg.amp, device):
-                loss, stats = self._loss(batch.to(device))
+                loss, stats = self._loss(batch)
             (loss / len(micro_batches)).backward()
             records.append(stats)
         if self.cfg.grad_clip:
@@ -184,9 +264,9 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        record = {k: sum(r[k] for r in records) / len(records) for k in records[0]}
-        n_bits = sum(b.numel() for b in micro_batches)
-        return {"step": self.step, "lr": lr, "bits": n_bits, **record}
+        keys = {k for r in records for k in r}
+        record = {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
+        return {"step": self.step, "lr": lr, "bits": n_bits, "seq_bits": batch.size(1), **record}
 
     @torch.no_grad()
     def evaluate(
@@ -195,11 +275,13 @@ class Trainer:
         return evaluate(self.model, data, batch_size or self.cfg.batch_size, max_batches, self.cfg.amp)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "step": self.step}
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step, "rng": self.rng.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        if "rng" in state:
+            self.rng.set_state(state["rng"])
 
 
 def _compile(model: nn.Module) -> Callable:
@@ -309,21 +391,27 @@ def train_loop(
     """Train ``model`` on windows of bits ``data`` (N, T) and return a :class:`TrainHistory`.
 
     Keyword arguments beyond the guide's are :class:`bitlm.config.TrainConfig` fields
-    (``lr``, ``max_steps``, ``max_seconds``, ``eval_every``, ...). ``val_data`` is evaluated
-    every ``eval_every`` steps and at the end. ``callback(record)`` sees each logged step and
+    (``lr``, ``max_steps``, ``max_seconds``, ``eval_every``, ``compress_prob``,
+    ``diffusion``, ...; see :class:`Trainer` for the objectives). ``val_data`` is evaluated
+    every ``eval_every`` steps and at the end. ``callback(record)`` sees each step's record and
     may return True to stop.
+
+    Progressive scaling: with ``scale_patience`` set, an evaluation whose validation loss is
+    not ``scale_min_delta`` below the best so far counts as a plateau; after ``scale_patience``
+    of them in a row the model grows by the next strategy of ``scale_strategies`` (cycling),
+    unless that would exceed ``scale_max_params``. Each growth is function-preserving
+    (bitlm.scale.expand_model), keeps the optimizer state of unchanged parameters, and is
+    recorded in ``history.expansions``; ``history.model`` is the final model. Without
+    ``val_data`` the plateau is judged on the mean training loss between evaluations.
     """
+    from .scale import expand_model, expand_optimizer
+
     names = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(kwargs) - names)
     if unknown:
         raise TypeError(f"train_loop got unknown argument(s) {unknown}; see TrainConfig for valid ones")
     cfg = TrainConfig(
-        epochs=epochs,
-        batch_size=batch_size,
-        accum_steps=accum_steps,
-        amp=amp,
-        compile_model=compile_model,
-        **kwargs,
+        epochs=epochs, batch_size=batch_size, accum_steps=accum_steps, amp=amp, compile_model=compile_model, **kwargs
     )
     windows = _as_windows(data)
     val = _as_windows(val_data) if val_data is not None else None
@@ -333,42 +421,90 @@ def train_loop(
     history = TrainHistory(model=model)
     generator = torch.Generator().manual_seed(cfg.seed)
     start = time.perf_counter()
+    plateau = {"best": math.inf, "bad": 0, "next": 0, "losses": []}
+    eval_every = cfg.eval_every or (steps_per_epoch if cfg.scale_patience else 0)
 
     def out_of_budget() -> bool:
         if cfg.max_steps is not None and trainer.step >= cfg.max_steps:
             return True
         return cfg.max_seconds is not None and time.perf_counter() - start >= cfg.max_seconds
 
-    def run_eval(epoch: int) -> None:
-        if val is None:
-            return
+    def run_eval(epoch: int, final: bool = False) -> None:
         record = {"step": trainer.step, "epoch": epoch, "seconds": time.perf_counter() - start}
-        record.update(trainer.evaluate(val, max_batches=cfg.eval_batches))
+        if val is not None:
+            record.update(trainer.evaluate(val, max_batches=cfg.eval_batches))
+            score = record["val_loss"]
+        else:
+            score = sum(plateau["losses"]) / max(1, len(plateau["losses"]))
+            record["train_loss"] = score
+        plateau["losses"] = []
         history.evals.append(record)
-        if log:
+        if log and "val_bpb" in record:
             print(f"eval step {trainer.step}: val_loss {record['val_loss']:.4f} val_bpb {record['val_bpb']:.3f}")
+        if cfg.scale_patience is not None and not final:  # a growth at the end trains nothing
+            maybe_grow(score, epoch)
+
+    def maybe_grow(score: float, epoch: int) -> None:
+        nonlocal trainer
+        if score < plateau["best"] - cfg.scale_min_delta:
+            plateau["best"], plateau["bad"] = score, 0
+            return
+        plateau["bad"] += 1
+        if plateau["bad"] < cfg.scale_patience or not cfg.scale_strategies:
+            return
+        strategy = cfg.scale_strategies[plateau["next"] % len(cfg.scale_strategies)]
+        old_model = trainer.model
+        grown = expand_model(old_model, strategy, generator=generator)
+        if cfg.scale_max_params is not None and grown.num_parameters() > cfg.scale_max_params:
+            return
+        grown.train(old_model.training)
+        opt = expand_optimizer(trainer.optimizer, old_model, grown)
+        step, rng = trainer.step, trainer.rng.get_state()
+        trainer = Trainer(grown, cfg, opt, total_steps=total)
+        trainer.step = step
+        trainer.rng.set_state(rng)
+        event = {
+            "step": step,
+            "epoch": epoch,
+            "strategy": strategy,
+            "params_before": old_model.num_parameters(),
+            "params_after": grown.num_parameters(),
+        }
+        if val is not None:
+            event["val_loss_before"] = history.evals[-1]["val_loss"]
+            event["val_loss_after"] = trainer.evaluate(val, max_batches=cfg.eval_batches)["val_loss"]
+        history.expansions.append(event)
+        history.model = grown
+        plateau.update(bad=0, next=plateau["next"] + 1, best=math.inf)
+        if log:
+            print(
+                f"expanded model by {strategy} at step {step}: {event['params_before']:,} -> {event['params_after']:,} parameters"
+            )
 
     stop = False
+    epoch = 0
+    per_step = cfg.batch_size * cfg.accum_steps
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(windows), generator=generator)
-        per_step = cfg.batch_size * cfg.accum_steps
-        for i in range(0, len(order) - per_step + 1 if len(order) >= per_step else 1, per_step):
+        for i in range(0, max(1, len(order) - per_step + 1), per_step):
             idx = order[i : i + per_step]
             micro = [windows[idx[j : j + cfg.batch_size]] for j in range(0, len(idx), cfg.batch_size)]
             progress = None
             if cfg.max_seconds and not cfg.max_steps:
                 progress = (time.perf_counter() - start) / cfg.max_seconds
             record = trainer.train_step(micro, progress)
-            record.update(epoch=epoch, seconds=time.perf_counter() - start)
+            record.update(epoch=epoch, seconds=time.perf_counter() - start, params=trainer.model.num_parameters())
+            plateau["losses"].append(record["loss"])
             if log and (trainer.step % cfg.log_every == 0 or trainer.step == 1):
+                extra = f" bpb {record['bpb']:.3f}" if "bpb" in record else ""
                 print(
-                    f"step {trainer.step} epoch {epoch}: loss {record['loss']:.4f} bpb {record['bpb']:.3f} "
+                    f"step {trainer.step} epoch {epoch}: loss {record['loss']:.4f}{extra} "
                     f"K {record['K']:.3f} C {record['C']:.3f} S {record['S']:.3f} lr {record['lr']:.2e}"
                 )
             history.steps.append(record)
             if callback is not None and callback(record):
                 stop = True
-            if cfg.eval_every and trainer.step % cfg.eval_every == 0:
+            if eval_every and trainer.step % eval_every == 0:
                 run_eval(epoch)
             if stop or out_of_budget():
                 stop = True
@@ -376,7 +512,7 @@ def train_loop(
         if stop:
             break
     if val is not None and (not history.evals or history.evals[-1]["step"] != trainer.step):
-        run_eval(epoch)
+        run_eval(epoch, final=True)
     return history
 
 

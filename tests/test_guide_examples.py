@@ -210,3 +210,199 @@ def test_custom_training_loop():
         print(f"Epoch {epoch}: Average loss = {total_loss / len(data_loader):.4f}")
         losses.append(total_loss)
     assert losses[-1] < losses[0]
+
+
+# -- advanced features (the research features) -------------------------------------------------
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def _example_data(n=64, length=63):
+    from bitlm import text_to_bits
+
+    stream = torch.tensor(text_to_bits("Examples from the guide, scaled down to run in a test. " * 12))
+    return torch.stack([stream[9 * i : 9 * i + length] for i in range(n)])
+
+
+def test_diffusion_mode_training_commands():
+    import subprocess
+    import sys
+
+    for command in (
+        "unified_workflow.py --diffusion --diffusion-steps 8 --dataset-size 32",
+        "unified_workflow.py --diffusion --noise-schedule cosine --diffusion-steps 16",
+        "unified_workflow.py --diffusion --diffusion-curriculum",
+    ):
+        done = subprocess.run(
+            [sys.executable, *command.split(), "--set", "train.max_steps=6"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "sample:" in done.stdout and "diffusion: true" in done.stdout
+
+
+def test_progressive_scaling():
+    from bitlm import BitTransformerLM
+    from bitlm.scale import expand_model
+    from bitlm.training import train_loop
+
+    model = BitTransformerLM(d_model=64, nhead=4, num_layers=2, dim_feedforward=128)
+    train_data = torch.randint(0, 2, (64, 64))  # guide: (1000, 64)
+    train_loop(model, train_data, epochs=2, batch_size=8)  # guide: 10 epochs
+    expanded_model = expand_model(model, strategy="depth")  # Add layers
+    assert expanded_model.config.num_layers == 4
+    expanded_model = expand_model(model, strategy="width")  # Increase width
+    assert expanded_model.config.d_model == 128
+    expanded_model = expand_model(model, strategy="context")  # Extend context
+    assert expanded_model.config.max_seq_len == 2048
+
+
+def test_compression_in_training():
+    from bitlm import BitTransformerLM, train_loop
+
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=63)
+    data = _example_data()
+    history = train_loop(model, data, compress_prob=0.5, compress_warmup=4)  # guide: warmup 100
+    assert any(r["compressed"] for r in history.steps)
+
+
+def test_quantization_and_optimization():
+    from bitlm import BitTransformerLM, convert_qat_fx, prepare_qat_fx, quantize_dynamic, train_loop
+
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=63)
+    data = _example_data(16)
+    quantized_model = quantize_dynamic(model, dtype=torch.qint8)
+    qat_model = prepare_qat_fx(model)
+    train_loop(qat_model, data, epochs=1, batch_size=8)  # ... train qat_model ...
+    final_model = convert_qat_fx(qat_model)
+    assert quantized_model(data[:2])[0].shape == final_model(data[:2])[0].shape == (2, 63, 2)
+    history = train_loop(model, data, amp=True, compile_model=True)
+    assert len(history) == 2
+
+
+def test_advanced_training_configuration():
+    from bitlm import BitTransformerLM, train_loop
+
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=63)
+    data = _example_data()
+    history = train_loop(
+        model,
+        data,
+        epochs=2,  # guide: 20
+        batch_size=8,
+        accum_steps=4,
+        amp=True,
+        compile_model=True,
+        compress_prob=0.3,
+        compress_warmup=1,  # guide: warmup 50
+        diffusion=True,
+        diffusion_curriculum=True,
+        direct_prob=0.1,
+        log=True,
+    )
+    assert len(history) == 4 and history.steps[-1]["noise_scale"] < 1.0
+
+
+def test_fsdp(monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    from bitlm import BitTransformerLM, train_loop
+    from bitlm.distributed import setup_distributed, wrap_fsdp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    data = _example_data(8)
+    setup_distributed(rank=0, world_size=1)  # guide: world_size=4
+    try:
+        model = BitTransformerLM(d_model=64, nhead=16, num_layers=2, max_seq_len=63)  # guide: 1024 wide, 12 layers
+        fsdp_model = wrap_fsdp(model, sharding_strategy="FULL_SHARD", mixed_precision=True, device_id=0)
+        history = train_loop(fsdp_model, data, epochs=2, batch_size=2, amp=True)  # guide: 10 epochs
+        assert len(history) == 8
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pipeline_parallelism(monkeypatch):
+    import socket
+
+    import torch.distributed as dist
+
+    from bitlm import BitTransformerLM
+    from bitlm.distributed import make_pipeline, setup_distributed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    setup_distributed(rank=0, world_size=1)  # two-process pipelines: tests/test_distributed.py
+    try:
+        model = BitTransformerLM(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=63)
+        pipeline_model = make_pipeline(
+            model,
+            balance=[2],  # guide: [2, 2, 2, 2] over 4 GPUs
+            devices=["cpu"],
+            checkpoint="never",  # or "always", "except_last"
+        )
+        loss = pipeline_model.train_step(_example_data(4))
+        assert 0 < loss < 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cpu_optimization():
+    from bitlm import BitTransformerLM
+    from bitlm.torch_utils import cpu_autocast
+
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=63)
+    bits = _example_data(2)
+    with cpu_autocast():
+        logits, telemetry = model(bits)
+    model = BitTransformerLM(use_autocast=True)  # Automatically uses CPU BF16
+    logits, telemetry = model(bits)
+    assert logits.dtype == torch.float32 and logits.shape == (2, 63, 2)
+
+
+def test_memory_optimization():
+    from bitlm import BitTransformerLM, train_loop
+
+    model = BitTransformerLM(
+        d_model=64,  # guide: 512
+        nhead=8,
+        num_layers=2,  # guide: 8
+        reversible=True,
+        use_checkpoint=True,
+        chunk_size=64,
+        full_attn_logging=False,
+    )
+    data = _example_data(32)
+    history = train_loop(model, data, batch_size=4, accum_steps=8, amp=True, compile_model=True)
+    assert len(history) == 1
+
+
+def test_inference_optimization():
+    from bitlm import BitTransformerLM, quantize_dynamic, set_dropout
+
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=63)
+    input_bits = _example_data(2)
+    model.eval()
+    set_dropout(model, 0.0)
+    quantized = quantize_dynamic(model, dtype=torch.qint8)
+    with torch.no_grad():
+        logits, _ = quantized(input_bits)
+    assert logits.shape == (2, 63, 2)
+
+
+def test_long_sequence_processing():
+    from bitlm import BitTransformerLM, text_to_bits
+    from bitlm.model import infer_long_sequence
+
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=256).eval()
+    long_text = "Very long text..." * 20  # guide: * 1000
+    bits = text_to_bits(long_text)
+    output = infer_long_sequence(model, torch.tensor(bits).unsqueeze(0), chunk_size=256, overlap=32, stride=224)
+    assert output.shape == (1, len(bits), 2)

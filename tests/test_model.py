@@ -139,3 +139,25 @@ def test_prefix_embedding_with_cache_matches_full_forward_from_any_split():
         parts = [model(bits[:, :split], cache)[0]]
         parts += [model(bits[:, t : t + 1], cache)[0] for t in range(split, bits.size(1))]
         assert torch.allclose(full, torch.cat(parts, 1), atol=1e-5), split
+
+
+def test_infer_long_sequence_equals_full_pass_when_it_fits():
+    from bitlm import infer_long_sequence
+
+    model = BitTransformerLM(**TINY).eval()
+    bits = _bits(n_bytes=28)  # 252 bits, fits max_seq_len 256
+    assert torch.equal(infer_long_sequence(model, bits, chunk_size=72, overlap=18), model(bits)[0])
+
+
+def test_infer_long_sequence_windows_past_the_context():
+    from bitlm import infer_long_sequence
+
+    model = BitTransformerLM(**dict(TINY, max_seq_len=72)).eval()
+    bits = _bits(n_bytes=40, batch=2)  # 360 bits, 5x the context
+    out = infer_long_sequence(model, bits, chunk_size=72, overlap=36)
+    assert out.shape == (2, 360, 2)
+    assert torch.equal(out[:, :72], model(bits[:, :72])[0])  # the first window as is
+    # position 100 comes from the window starting at 36 (stride 36): it sees bits 36..100
+    assert torch.allclose(out[:, 100], model(bits[:, 36:108])[0][:, 100 - 36], atol=1e-6)
+    with pytest.raises(ValueError, match="stride"):
+        infer_long_sequence(model, bits, chunk_size=72, stride=0)

@@ -116,3 +116,54 @@ def test_amp_and_dropout_settings():
 def test_unknown_arguments_are_named():
     with pytest.raises(TypeError, match="lerning_rate"):
         train_loop(BitTransformerLM(**TINY), _learnable_windows(8), lerning_rate=1)
+
+
+def test_compressed_form_is_the_rle_stream_with_a_mask():
+    from bitlm.bits import rle_bit_stream
+    from bitlm.training import compressed_batch
+
+    assert rle_bit_stream([1, 1, 1, 0]).tolist() == [1, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1]
+    batch = torch.tensor([[0] * 18, [0, 1] * 9])
+    out, mask = compressed_batch(batch)
+    assert mask[0].sum() == 9 and out[0, :9].tolist() == [0, 0, 0, 0, 1, 0, 0, 1, 0]  # one run of 18 zeros
+    assert mask[1].all()  # 18 runs of 1: the stream is cut to the window
+
+
+def test_compress_and_direct_objectives_are_drawn_and_train():
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY)
+    h = train_loop(
+        model,
+        _learnable_windows(),
+        epochs=8,
+        batch_size=8,
+        lr=3e-3,
+        compress_prob=0.5,
+        compress_warmup=10,
+        direct_prob=0.3,
+    )
+    early = [r["compressed"] for r in h.steps[:10]]
+    late = [r["compressed"] for r in h.steps[10:]]
+    assert sum(early) == 0 and 0.2 < sum(late) / len(late) < 0.8
+    assert 0.1 < sum(r["direct"] for r in h.steps) / len(h.steps) < 0.5
+    plain = [r for r in h.steps if not r["compressed"] and not r["direct"]]
+    assert all("bpb" in r for r in plain) and plain[-1]["loss"] < plain[0]["loss"]
+
+
+def test_direct_prediction_ignores_parity_positions():
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY)
+    batch = _learnable_windows(8)
+    other = batch.clone()
+    other[:, 89] ^= 1  # the last bit is a parity target (phase 8) that no later position reads
+    direct = Trainer(model, TrainConfig(direct_prob=1.0))
+    assert direct._loss(batch)[0].item() == pytest.approx(direct._loss(other)[0].item(), abs=1e-6)
+    plain = Trainer(model, TrainConfig())
+    assert plain._loss(batch)[0].item() != pytest.approx(plain._loss(other)[0].item(), abs=1e-6)
+
+
+def test_sequence_length_ramp_cuts_windows():
+    model = BitTransformerLM(**TINY)
+    h = train_loop(model, _learnable_windows(), epochs=3, batch_size=8, seq_ramp_start_bytes=3, seq_ramp_steps=10)
+    lengths = [r["seq_bits"] for r in h.steps]
+    assert lengths[0] == 27 and lengths[-1] == 90 and lengths == sorted(lengths)

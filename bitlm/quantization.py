@@ -1,0 +1,226 @@
+"""Quantization: int8 dynamic quantization for inference, and 4-bit quantization-aware training.
+
+Both are small module swaps written here rather than taken from ``torch.ao.quantization``
+(deprecated in this torch) or torchao. torchao's int8 dynamic path on CPU comes down to the
+same int8 GEMM used here (``torch._int_mm``), and its 4-bit paths target GPU kernels; a
+dependency pinned to torch's release train would buy nothing on this project's CPU path, while
+these ~150 lines keep every formula visible. Only ``nn.Linear`` layers are quantized
+(attention, MLP and output heads); embeddings and norms stay fp32.
+
+int8 dynamic (``quantize_dynamic``): weights are stored as int8 with one scale per output
+channel, ``s_w = max|W_row| / 127``; each input row is quantized on the fly with
+``s_x = max|x_row| / 127``; then ``y = (q_x @ q_w^T) * s_x * s_w + b`` with an int8 x int8 ->
+int32 matrix product.
+
+4-bit QAT (``prepare_qat_fx`` / ``convert_qat_fx``): weights are fake-quantized in groups of
+``group_size`` input features to the 16 levels -8..7 with ``s = max|W_group| / 7.5``, rounding
+with a straight-through estimator (the forward pass sees the quantized weight, the gradient
+flows to the fp32 weight as if rounding were the identity). Converting packs two 4-bit codes
+per byte (uint8) plus fp16 group scales: 4.25 bits per weight for group 64 instead of 32.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _swap_linears(model: nn.Module, make) -> nn.Module:
+    for name, child in model.named_children():
+        if type(child) is nn.Linear or isinstance(child, QATLinear):
+            setattr(model, name, make(child))
+        else:
+            _swap_linears(child, make)
+    return model
+
+
+# -- int8 dynamic ----------------------------------------------------------------------------
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    s = x.abs().amax(1, keepdim=True).clamp_min(1e-8) / 127
+    return torch.round(x / s).clamp(-127, 127).to(torch.int8), s
+
+
+def _dequantize(y: torch.Tensor, s: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = y.float() * s * w_scale
+    return y if bias is None else y + bias
+
+
+# Large inputs (prefill, evaluation, batched serving) spend more time in the elementwise
+# quantize/dequantize passes than in the int8 GEMM unless they are fused into one pass each;
+# torch.compile does that. Single rows (one decoding step) stay eager: there the fused
+# kernels' call overhead is the larger cost.
+_FUSE_MIN_ROWS = 256
+_FUSED: dict[str, object] = {}
+
+
+def _fused(name: str):
+    if name not in _FUSED:
+        fn = _quantize_rows if name == "quantize" else _dequantize
+        try:
+            _FUSED[name] = torch.compile(fn, dynamic=True)
+            if name == "quantize":
+                _FUSED[name](torch.ones(_FUSE_MIN_ROWS, 8))
+            else:
+                _FUSED[name](
+                    torch.ones(_FUSE_MIN_ROWS, 8, dtype=torch.int32),
+                    torch.ones(_FUSE_MIN_ROWS, 1),
+                    torch.ones(8),
+                    torch.ones(8),
+                )
+        except Exception:  # noqa: BLE001 - no compiler here: stay eager
+            _FUSED[name] = fn
+    return _FUSED[name]
+
+
+class Int8DynamicLinear(nn.Module):
+    """A Linear with int8 per-channel weights and per-row dynamically quantized int8 inputs."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(1).clamp_min(1e-8) / 127
+        self.register_buffer(
+            "weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).t().contiguous()
+        )
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.size(0) >= _FUSE_MIN_ROWS:
+            q, s = _fused("quantize")(x2)
+            y = _fused("dequantize")(torch._int_mm(q, self.weight_int8), s, self.weight_scale, self.bias)
+        else:
+            q, s = _quantize_rows(x2)
+            y = _dequantize(torch._int_mm(q, self.weight_int8), s, self.weight_scale, self.bias)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+
+def quantize_dynamic(model: nn.Module, dtype: torch.dtype = torch.qint8) -> nn.Module:
+    """An inference copy of ``model`` with every Linear as int8 (see the module docstring).
+
+    Same call, outputs and telemetry as the float model; the copy is in eval mode. ``dtype``
+    must be ``torch.qint8`` (or ``torch.int8``), the only precision offered.
+    """
+    if dtype not in (torch.qint8, torch.int8):
+        raise ValueError(f"quantize_dynamic supports dtype=torch.qint8 only, got {dtype}")
+    from .training import unwrap
+
+    q = copy.deepcopy(unwrap(model)).eval()
+    return _swap_linears(q, lambda lin: Int8DynamicLinear(_as_float_linear(lin)))
+
+
+# -- 4-bit QAT --------------------------------------------------------------------------------
+
+
+def _group_scales(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Scale per (row, group): max |w| / 7.5, as a (out, in) tensor repeated over each group."""
+    out, n = w.shape
+    g = w.reshape(out, n // group, group)
+    return (g.abs().amax(-1, keepdim=True).clamp_min(1e-8) / 7.5).expand_as(g).reshape(out, n)
+
+
+def _quantize4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit codes in -8..7 and their scales for ``w``."""
+    s = _group_scales(w, group)
+    return torch.round(w / s).clamp(-8, 7), s
+
+
+class QATLinear(nn.Linear):
+    """A Linear trained with 4-bit fake-quantized weights (straight-through rounding)."""
+
+    group_size: int = 64
+
+    def fake_quant_weight(self) -> torch.Tensor:
+        codes, s = _quantize4(self.weight, self.group_size)
+        wq = codes * s
+        return self.weight + (wq - self.weight).detach()  # straight-through estimator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.fake_quant_weight(), self.bias)
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weights are stored packed, two 4-bit codes per byte, with fp16 scales."""
+
+    def __init__(self, linear: nn.Linear, group_size: int):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        w = linear.weight.detach().float()
+        codes, s = _quantize4(w, group_size)
+        u = (codes + 8).to(torch.uint8).reshape(-1)  # 0..15
+        u = torch.cat([u, u.new_zeros(u.numel() % 2)])
+        self.register_buffer("packed", u[0::2] | (u[1::2] << 4))
+        self.register_buffer("scales", s[:, ::group_size].to(torch.float16).contiguous())
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized fp32 weight (out, in)."""
+        codes = torch.stack([self.packed & 0xF, self.packed >> 4], dim=1).reshape(-1)
+        n = self.out_features * self.in_features
+        w = codes[:n].float().sub_(8).view(self.out_features, -1, self.group_size)
+        return (w * self.scales.float()[..., None]).view(self.out_features, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 group={self.group_size}"
+
+
+def _group_for(linear: nn.Linear, group_size: int) -> int:
+    return group_size if linear.in_features % group_size == 0 else linear.in_features
+
+
+def _as_float_linear(linear: nn.Linear) -> nn.Linear:
+    """A plain Linear with ``linear``'s effective weights (QAT layers give their quantized ones)."""
+    if isinstance(linear, QATLinear):
+        out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        with torch.no_grad():
+            out.weight.copy_(linear.fake_quant_weight())
+            if linear.bias is not None:
+                out.bias.copy_(linear.bias)
+        return out
+    return linear
+
+
+def prepare_qat_fx(model: nn.Module, group_size: int = 64) -> nn.Module:
+    """A trainable copy of ``model`` whose Linear layers fake-quantize their weights to 4 bits."""
+    from .training import unwrap
+
+    q = copy.deepcopy(unwrap(model))
+
+    def make(lin: nn.Linear) -> QATLinear:
+        new = QATLinear(lin.in_features, lin.out_features, bias=lin.bias is not None).to(lin.weight.device)
+        new.group_size = _group_for(lin, group_size)
+        new.load_state_dict(lin.state_dict())
+        return new
+
+    return _swap_linears(q, make)
+
+
+def convert_qat_fx(qat_model: nn.Module) -> nn.Module:
+    """An inference copy of a QAT model with real packed 4-bit weights (see Int4Linear)."""
+    q = copy.deepcopy(qat_model).eval()
+
+    def make(lin: nn.Linear) -> Int4Linear:
+        group = lin.group_size if isinstance(lin, QATLinear) else _group_for(lin, 64)
+        return Int4Linear(lin, group)
+
+    return _swap_linears(q, make)
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes held by a model's parameters and buffers (to compare fp32 / int8 / int4)."""
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)

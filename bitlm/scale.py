@@ -1,0 +1,194 @@
+"""Progressive scaling: grow a model without changing the function it computes.
+
+``expand_model(model, strategy)`` returns a new, larger BitTransformerLM whose outputs equal the
+original's at the moment of expansion:
+
+- ``"depth"``: ``factor - 1`` times as many new blocks on top, each starting as the identity
+  (its attention and MLP output projections are zero, so both residual branches add nothing,
+  in the plain and in the reversible coupling alike).
+- ``"width"``: d_model and dim_feedforward times ``factor`` by Net2Wider duplication. Every
+  residual feature, hidden unit and attention-head dimension is copied ``factor`` times. Layers
+  that write copies (embeddings, output projections, norms) repeat their rows; layers that read
+  copies divide their weights by ``factor`` and add a zero-sum perturbation across the copies
+  (+E on one, -E on the other), which cancels exactly because the copies are equal, yet gives
+  each copy its own gradient so they can diverge. LayerNorm statistics over duplicated features
+  are unchanged, which is why duplication rather than zero padding is used. Queries are scaled
+  by 1/sqrt(factor) so attention logits keep their 1/sqrt(head_dim) temperature.
+- ``"context"``: max_seq_len times ``factor``; new position embeddings repeat the old table, so
+  positions keep their phase within a byte, and outputs on inputs that fit the old context are
+  unchanged.
+
+``expand_optimizer`` carries optimizer state over for every parameter whose name and shape
+survive and starts the others fresh.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import torch
+import torch.nn as nn
+
+from .model import BitTransformerLM
+
+STRATEGIES = ("depth", "width", "context")
+
+
+def expand_model(
+    model: BitTransformerLM,
+    strategy: str = "depth",
+    factor: int = 2,
+    noise: float = 1e-2,
+    generator: torch.Generator | None = None,
+) -> BitTransformerLM:
+    """A larger copy of ``model`` computing the same function (see the module docstring)."""
+    from .training import unwrap
+
+    model = unwrap(model)
+    if factor < 2:
+        raise ValueError(f"factor must be >= 2, got {factor}")
+    if strategy == "depth":
+        return _expand_depth(model, factor)
+    if strategy == "width":
+        return _expand_width(model, factor, noise, generator)
+    if strategy == "context":
+        return _expand_context(model, factor)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def _new_model(model: BitTransformerLM, **changes) -> BitTransformerLM:
+    new = BitTransformerLM(config=replace(model.config, **changes))
+    return new.to(next(model.parameters()).device)
+
+
+def _expand_depth(model: BitTransformerLM, factor: int) -> BitTransformerLM:
+    cfg = model.config
+    new = _new_model(model, num_layers=cfg.num_layers * factor)
+    missing, _ = new.load_state_dict(model.state_dict(), strict=False)
+    assert all(k.startswith("blocks.") for k in missing)
+    with torch.no_grad():
+        for block in new.blocks[cfg.num_layers :]:
+            for proj in (block.attn.proj, block.mlp.proj):
+                proj.weight.zero_()
+                proj.bias.zero_()
+    return new
+
+
+def _expand_context(model: BitTransformerLM, factor: int) -> BitTransformerLM:
+    new = _new_model(model, max_seq_len=model.config.max_seq_len * factor)
+    state = model.state_dict()
+    old = state["pos_emb.weight"]
+    reps = -(-new.pos_emb.num_embeddings // old.size(0))
+    state["pos_emb.weight"] = old.repeat(reps, 1)[: new.pos_emb.num_embeddings]
+    new.load_state_dict(state)
+    return new
+
+
+# -- width --------------------------------------------------------------------------------------
+
+
+class _Widener:
+    """Index maps from new features to old ones, and the duplication rules that use them."""
+
+    def __init__(self, d: int, ff: int, nhead: int, factor: int, noise: float, generator):
+        self.factor, self.noise, self.generator = factor, noise, generator
+        self.resid = torch.arange(d * factor) % d  # residual layout [x, x, ...]
+        self.hidden = torch.arange(ff * factor) % ff
+        D = d // nhead
+        j = torch.arange(d * factor)
+        self.heads = (j // (D * factor)) * D + (j % (D * factor)) % D  # per head [h, h, ...]
+
+    def rows(self, w: torch.Tensor, out_map: torch.Tensor) -> torch.Tensor:
+        """Repeat output rows (writers of duplicated features)."""
+        return w[out_map]
+
+    def cols(self, w: torch.Tensor, in_map: torch.Tensor) -> torch.Tensor:
+        """Read duplicated inputs: weights / factor plus a perturbation summing to zero across
+        the copies of each input feature."""
+        out = w[:, in_map] / self.factor
+        if self.noise:
+            n_old = int(in_map.max()) + 1
+            std = float(w.std()) if w.numel() > 1 else 1.0
+            e = torch.randn(w.size(0), n_old, generator=self.generator).to(w) * (self.noise * std)
+            copy_index = _copy_number(in_map)
+            sign = torch.where(copy_index % 2 == 0, 1.0, -1.0).to(w)
+            paired = (copy_index < (self.factor // 2) * 2).to(w)  # an odd last copy gets no noise
+            out = out + e[:, in_map] * sign * paired
+        return out
+
+    def linear(self, lin: nn.Linear, out_map: torch.Tensor, in_map: torch.Tensor, out_scale=None) -> dict:
+        w = self.cols(self.rows(lin.weight.detach(), out_map), in_map)
+        b = self.rows(lin.bias.detach(), out_map) if lin.bias is not None else None
+        if out_scale is not None:
+            w, b = w * out_scale[:, None], (b * out_scale if b is not None else None)
+        return {"weight": w, "bias": b}
+
+
+def _copy_number(in_map: torch.Tensor) -> torch.Tensor:
+    """For each new feature, which copy of its old feature it is (0, 1, ...), in index order."""
+    order = torch.argsort(in_map, stable=True)
+    sorted_map = in_map[order]
+    first = torch.searchsorted(sorted_map, sorted_map)  # index of the first copy of each value
+    number = torch.empty_like(in_map)
+    number[order] = torch.arange(in_map.numel()) - first
+    return number
+
+
+def _expand_width(model: BitTransformerLM, factor: int, noise: float, generator) -> BitTransformerLM:
+    cfg = model.config
+    new = _new_model(model, d_model=cfg.d_model * factor, dim_feedforward=cfg.dim_feedforward * factor)
+    wd = _Widener(cfg.d_model, cfg.dim_feedforward, cfg.nhead, factor, noise, generator)
+    d = cfg.d_model
+    state: dict[str, torch.Tensor] = {}
+    old = model.state_dict()
+
+    def put(prefix: str, params: dict) -> None:
+        for k, v in params.items():
+            if v is not None:
+                state[f"{prefix}.{k}"] = v
+
+    for name, tensor in old.items():
+        if name.endswith("_emb.weight") or name == "pos_emb.weight":  # embeddings write the stream
+            state[name] = tensor[:, wd.resid]
+        elif ".ln" in name or name.startswith("ln_f"):  # norms: per residual feature
+            state[name] = tensor[wd.resid]
+    qkv_out = torch.cat([wd.heads + i * d for i in range(3)])  # q, k, v blocks, each per head
+    q_scale = torch.ones(3 * d * factor)
+    q_scale[: d * factor] = factor**-0.5
+    for i, block in enumerate(model.blocks):
+        p = f"blocks.{i}"
+        put(f"{p}.attn.qkv", wd.linear(block.attn.qkv, qkv_out, wd.resid, q_scale))
+        put(f"{p}.attn.proj", wd.linear(block.attn.proj, wd.resid, wd.heads))
+        put(f"{p}.mlp.fc", wd.linear(block.mlp.fc, wd.hidden, wd.resid))
+        put(f"{p}.mlp.proj", wd.linear(block.mlp.proj, wd.resid, wd.hidden))
+    for name, module in model.io.named_modules():  # heads reading the stream
+        if isinstance(module, nn.Linear):
+            put(f"io.{name}", wd.linear(module, torch.arange(module.out_features), wd.resid))
+    missing = sorted(set(new.state_dict()) - set(state))
+    if missing:
+        raise NotImplementedError(f"width expansion does not know how to widen {missing}")
+    new.load_state_dict(state)
+    return new
+
+
+# -- optimizer ----------------------------------------------------------------------------------
+
+
+def expand_optimizer(
+    optimizer: torch.optim.Optimizer, old_model: nn.Module, new_model: nn.Module
+) -> torch.optim.Optimizer:
+    """An optimizer of the same kind and settings for ``new_model``, carrying the state of every
+    parameter whose name and shape are unchanged; new or reshaped parameters start fresh."""
+    from .training import configure_optimizer
+
+    groups = optimizer.param_groups
+    new_opt = configure_optimizer(
+        new_model, lr=groups[0]["lr"], weight_decay=groups[0]["weight_decay"], betas=groups[0].get("betas", (0.9, 0.95))
+    )
+    old_params = dict(old_model.named_parameters())
+    for name, p in new_model.named_parameters():
+        q = old_params.get(name)
+        if q is not None and q.shape == p.shape and q in optimizer.state:
+            new_opt.state[p] = copy.deepcopy(optimizer.state[q])
+    return new_opt

@@ -1,0 +1,85 @@
+import torch
+
+from bitlm import BitTransformerLM, parity_ok, safe_sample_with_retry, text_to_bits, train_loop
+from bitlm.diffusion import corrupt, diffusion_generate
+
+TINY = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=144, dropout=0.0)
+
+
+def _windows(n=48):
+    stream = torch.tensor(text_to_bits("abcabcabc denoise me. " * 30))
+    return torch.stack([stream[9 * i : 9 * i + 144] for i in range(n)])
+
+
+def test_corrupt_flips_about_half_the_chosen_fraction():
+    bits = torch.zeros(200, 200, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    assert corrupt(bits, 0.0, g).sum() == 0
+    flipped = corrupt(bits, 0.6, g).float().mean().item()
+    assert abs(flipped - 0.3) < 0.01
+    per_row = corrupt(bits, torch.tensor([0.0] * 100 + [1.0] * 100), g).float()
+    assert per_row[:100].sum() == 0 and abs(per_row[100:].mean().item() - 0.5) < 0.02
+
+
+def test_diffusion_mode_is_bidirectional():
+    model = BitTransformerLM(**TINY).eval()
+    bits = _windows(1)
+    flipped = bits.clone()
+    flipped[0, 100] ^= 1
+    a, b = model(bits, causal=False)[0], model(flipped, causal=False)[0]
+    assert not torch.allclose(a[:, :100], b[:, :100])  # earlier positions see the later bit
+
+
+def test_diffusion_training_lowers_denoising_loss_and_curriculum_lowers_noise():
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY)
+    h = train_loop(
+        model,
+        _windows(),
+        epochs=12,
+        batch_size=8,
+        lr=3e-3,
+        diffusion=True,
+        diffusion_curriculum=True,
+        noise_schedule="cosine",
+    )
+    losses = [r["loss"] for r in h.steps]
+    assert sum(losses[-6:]) / 6 < 0.7 * sum(losses[:6]) / 6
+    scales = [r["noise_scale"] for r in h.steps]
+    assert scales[0] == 1.0 and scales[-1] < 0.35 and scales == sorted(scales, reverse=True)
+
+
+def test_diffusion_sampler_generates_parity_clean_bytes():
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY)
+    train_loop(model, _windows(), epochs=5, batch_size=8, lr=3e-3, diffusion=True)
+    prompt = torch.tensor(text_to_bits("abcabc"))
+    out, logits = diffusion_generate(
+        model, prompt, 6, steps=4, generator=torch.Generator().manual_seed(0), return_logits=True
+    )
+    assert out.shape == (1, 54 + 54) and logits.shape == (1, 54, 2)
+    assert torch.equal(out[0, :54], prompt)
+    assert parity_ok(out).all()
+
+
+def test_safe_sample_retries_with_diffusion():
+    import pytest
+
+    from bitlm import SafetyError
+
+    model = BitTransformerLM(**TINY)
+    with torch.no_grad():  # always predicts 0, causal or not: every attempt is degenerate
+        model.io.head.bias.copy_(torch.tensor([30.0, -30.0]))
+        model.io.head.weight.zero_()
+    with pytest.raises(SafetyError) as info:
+        safe_sample_with_retry(
+            model,
+            text_to_bits("hi"),
+            max_retries=2,
+            retry_strategy="diffusion",
+            max_new_bytes=8,
+            c_floor=0.3,
+            s_floor=0.0,
+        )
+    assert [a["strategy"] for a in info.value.attempts] == ["sample", "diffusion", "diffusion"]
+    assert info.value.metrics["C"] < 0.3

@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from bitlm import BitTransformerLM, TrainConfig, text_to_bits, train_loop
+from bitlm.scale import expand_model, expand_optimizer
+from bitlm.training import Trainer
+
+TINY = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=90, dropout=0.0)
+VARIANTS = [{}, {"reversible": True}, {"bit_embedding": "plain"}, {"chunk_size": 18}]
+
+
+def _windows(n=32, length=90):
+    stream = torch.tensor(text_to_bits("grow the model, keep the function. " * 12))
+    return torch.stack([stream[9 * i : 9 * i + length] for i in range(n)])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(v) or "default")
+@pytest.mark.parametrize("strategy", ["depth", "width", "context"])
+def test_expansion_preserves_the_function(strategy, variant):
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY, **variant).eval()
+    grown = expand_model(model, strategy).eval()
+    bits = _windows(4)
+    assert torch.allclose(model(bits)[0], grown(bits)[0], atol=1e-5)
+    assert grown.num_parameters() > model.num_parameters()
+    expected = {"depth": ("num_layers", 4), "width": ("d_model", 64), "context": ("max_seq_len", 180)}[strategy]
+    assert getattr(grown.config, expected[0]) == expected[1]
+
+
+def test_context_expansion_accepts_longer_inputs():
+    model = BitTransformerLM(**TINY).eval()
+    grown = expand_model(model, "context")
+    assert grown(_windows(2, 180))[0].shape == (2, 180, 2)
+
+
+@pytest.mark.parametrize("strategy", ["depth", "width", "context"])
+def test_training_continues_after_expansion_with_optimizer_state(strategy):
+    torch.manual_seed(0)
+    data = _windows()
+    model = BitTransformerLM(**TINY)
+    trainer = Trainer(model, TrainConfig(lr=3e-3))
+    for i in range(15):
+        trainer.train_step([data[(i % 4) * 8 : (i % 4 + 1) * 8]])
+    grown = expand_model(model, strategy)
+    opt = expand_optimizer(trainer.optimizer, model, grown)
+    carried = sum(p in opt.state for p in grown.parameters())
+    old = dict(model.named_parameters())
+    unchanged = sum(1 for n, p in grown.named_parameters() if n in old and old[n].shape == p.shape)
+    assert carried == unchanged > 0  # unchanged parameters keep their Adam state, others start fresh
+    if strategy == "width":
+        assert unchanged == 1  # only the 2-way head's bias keeps its shape
+    before = Trainer(grown, TrainConfig(lr=0.0), opt).evaluate(data)["val_loss"]
+    t2 = Trainer(grown, TrainConfig(lr=3e-3), opt)
+    for i in range(30):
+        t2.train_step([data[(i % 4) * 8 : (i % 4 + 1) * 8]])
+    after = t2.evaluate(data)["val_loss"]
+    assert after < before
+
+
+def test_width_copies_diverge_during_training():
+    torch.manual_seed(0)
+    grown = expand_model(BitTransformerLM(**TINY), "width")
+    t = Trainer(grown, TrainConfig(lr=3e-3))
+    for _ in range(5):
+        t.train_step([_windows(8)])
+    w = grown.blocks[0].mlp.fc.weight
+    assert not torch.allclose(w[:64], w[64:])  # duplicated hidden units no longer identical
+
+
+def test_train_loop_grows_on_plateau_and_records_it():
+    torch.manual_seed(0)
+    data = _windows()
+    model = BitTransformerLM(**TINY)
+    h = train_loop(
+        model,
+        data,
+        epochs=12,
+        batch_size=8,
+        lr=3e-3,
+        val_data=data[:8],
+        eval_every=4,
+        scale_patience=1,
+        scale_min_delta=10.0,
+        scale_strategies=["depth", "width"],
+        scale_max_params=10**6,
+    )
+    strategies = [e["strategy"] for e in h.expansions]
+    assert strategies[:2] == ["depth", "width"]
+    for e in h.expansions:
+        assert e["params_after"] > e["params_before"]
+        assert e["val_loss_after"] == pytest.approx(e["val_loss_before"], abs=1e-4)
+    assert h.model is not model and h.model.config.num_layers >= 4
+    assert h.steps[-1]["params"] == h.model.num_parameters()
+
+
+def test_size_cap_stops_growth():
+    data = _windows()
+    model = BitTransformerLM(**TINY)
+    h = train_loop(
+        model,
+        data,
+        epochs=6,
+        batch_size=8,
+        val_data=data[:8],
+        eval_every=2,
+        scale_patience=1,
+        scale_min_delta=10.0,
+        scale_max_params=model.num_parameters(),
+    )
+    assert h.expansions == [] and h.model is model
+
+
+def test_unknown_strategy_is_refused():
+    with pytest.raises(ValueError, match="strategy"):
+        expand_model(BitTransformerLM(**TINY), "sideways")
