@@ -146,6 +146,32 @@ class DataConfig:
 
 
 @dataclass
+class RunSettings:
+    """How the platform runs a training: Ray Train scaling and fault tolerance, storage and
+    MLflow. Plain data: bitlm itself never imports Ray or MLflow."""
+
+    num_workers: int = 2
+    strategy: str = "ddp"  # "ddp" | "fsdp" | "pipeline"
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    threads_per_worker: int = 1  # torch threads in each worker
+    checkpoint_every: int = 100  # steps between Ray Train checkpoints
+    keep_checkpoints: int = 2
+    max_failures: int = 0  # worker failures to recover from (restart from the last checkpoint)
+    storage_path: str = "runs/ray"  # Train results and checkpoints: local dir, NFS path, s3://, gs://
+    experiment: str = "bitlm"  # MLflow experiment
+    fail_at_step: int | None = None  # fault injection for tests: rank 0 raises once at this step
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("ddp", "fsdp", "pipeline"):
+            raise ConfigError(f"run.strategy must be ddp, fsdp or pipeline, got {self.strategy!r}")
+        if self.num_workers < 1:
+            raise ConfigError(f"run.num_workers must be >= 1, got {self.num_workers}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"run.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+
+
+@dataclass
 class ExperimentConfig:
     """Everything one run needs. Sections are added as the platform grows."""
 
@@ -153,6 +179,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    run: RunSettings = field(default_factory=RunSettings)
 
 
 # -- loading ---------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .training import next_bit_loss, unwrap
+from .telemetry import telemetry_summary
+from .training import bits_per_byte, next_bit_loss, unwrap
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
 
@@ -157,11 +158,17 @@ class PipelineModel:
 
     ``train_step(bits)`` runs forward and backward over ``n_microbatches`` micro-batches of the
     batch that rank 0 holds (it is broadcast to the last stage as the target) and returns the
-    mean loss on every rank. Step the optimizer over ``parameters()`` afterwards.
+    mean loss on every rank; ``last_stats`` then holds the step's loss, bpb, parity bpb and
+    K/C/S (computed on the last stage, broadcast to all). Step the optimizer over
+    ``parameters()`` afterwards.
     """
+
+    STATS = ("loss", "bpb", "parity_bpb", "K", "C", "S")
 
     def __init__(self, stage: _Stage, schedule, rank: int, world_size: int):
         self.stage, self.schedule, self.rank, self.world_size = stage, schedule, rank, world_size
+        self.micro_stats: list[list[float]] = []
+        self.last_stats: dict[str, float] = {}
 
     def parameters(self):
         return self.stage.parameters()
@@ -172,18 +179,22 @@ class PipelineModel:
     def train_step(self, bits: torch.Tensor | None) -> float:
         self.stage.train()
         bits = _broadcast_batch(bits, self.rank)
-        losses: list[torch.Tensor] = []
+        self.micro_stats = []
         if self.rank == 0 and self.world_size == 1:
-            self.schedule.step(bits, target=bits, losses=losses)
+            self.schedule.step(bits, target=bits)
         elif self.rank == 0:
             self.schedule.step(bits)
         elif self.rank == self.world_size - 1:
-            self.schedule.step(target=bits, losses=losses)
+            self.schedule.step(target=bits)
         else:
             self.schedule.step()
-        loss = torch.stack(losses).mean().detach() if losses else torch.zeros(())
-        dist.broadcast(loss, src=self.world_size - 1)
-        return float(loss)
+        # The first step's shape inference also calls the loss on placeholder outputs: keep
+        # the real micro-batches only.
+        real = self.micro_stats[-self.schedule._n_microbatches :]
+        stats = torch.tensor(real).mean(0) if real else torch.zeros(len(self.STATS))
+        dist.broadcast(stats, src=self.world_size - 1)
+        self.last_stats = dict(zip(self.STATS, stats.tolist()))
+        return self.last_stats["loss"]
 
 
 def _broadcast_batch(bits: torch.Tensor | None, rank: int) -> torch.Tensor:
@@ -231,8 +242,17 @@ def make_pipeline(
     stage_module = _Stage(model, start, start + balance[rank], first, last, use_ckpt).to(device)
     stage = PipelineStage(stage_module, rank, world, device)
 
+    pipeline: PipelineModel
+
     def loss_fn(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return next_bit_loss(stage_module.io.logits(h, target, None), target)
+        logits = stage_module.io.logits(h, target, None)
+        loss = next_bit_loss(logits, target)
+        with torch.no_grad():
+            kcs = telemetry_summary(model._telemetry(logits.detach(), target, [], []))
+            bpb = bits_per_byte(logits.detach(), target)
+        pipeline.micro_stats.append([loss.item(), bpb["bpb"], bpb["parity_bpb"], kcs["K"], kcs["C"], kcs["S"]])
+        return loss
 
     schedule = ScheduleGPipe(stage, n_microbatches or world, loss_fn=loss_fn)
-    return PipelineModel(stage_module, schedule, rank, world)
+    pipeline = PipelineModel(stage_module, schedule, rank, world)
+    return pipeline

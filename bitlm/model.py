@@ -37,7 +37,8 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
         self.capacity = capacity
-        self.length = 0
+        self.length = 0  # transformer positions
+        self.bits_seen = 0  # input bits
         self.state: dict[str, Any] = {}
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,12 +272,18 @@ class BitTransformerLM(nn.Module):
                 )
             pos = torch.arange(start, start + x.size(1), device=bits.device)
             x = self.drop(x + self.pos_emb(pos))
-            h, acts, atts = self._run_blocks(x, cache, need_weights, causal)
-            h = self.ln_f(h)
+            if x.size(1):
+                h, acts, atts = self._run_blocks(x, cache, need_weights, causal)
+                h = self.ln_f(h)
+            else:  # byte_patch: the new bits complete no patch, the local decoder alone answers
+                h, acts, atts = x, [], []
             logits = self.io.logits(h, bits, cache).float()  # (B, T, 2)
+        offset = 0
         if cache is not None:
             cache.length += x.size(1)
-        return logits, self._telemetry(logits, bits, acts, atts)
+            offset = cache.bits_seen
+            cache.bits_seen += bits.size(1)
+        return logits, self._telemetry(logits, bits, acts, atts, offset)
 
     def _run_blocks(self, x: torch.Tensor, cache: KVCache | None, need_weights: bool, causal: bool = True):
         acts: list[torch.Tensor] = []
@@ -308,12 +315,18 @@ class BitTransformerLM(nn.Module):
                 atts.append(att.detach())
         return x, acts, atts
 
-    def _telemetry(self, logits, bits, acts, atts) -> dict[str, Any]:
+    def _telemetry(self, logits, bits, acts, atts, offset: int = 0) -> dict[str, Any]:
         """K, C, S (batch means, 0-dim tensors), activations and attention maps.
 
         They carry gradients only when their lambda is set, so logging them costs no memory.
+        For ``byte_patch`` they cover the data-bit predictions only: its parity distributions
+        are fixed by construction and say nothing about the model (they would pin K near 1
+        and S at 0). ``offset`` is the number of bits before ``bits`` (with a KV cache).
         """
         cfg, grad = self.config, torch.is_grad_enabled()
+        if cfg.arch == "byte_patch":
+            phase = (offset + torch.arange(1, logits.size(1) + 1, device=logits.device)) % 9
+            logits = logits[:, phase < 8]
         with torch.set_grad_enabled(grad and cfg.lambda_K > 0):
             k = negentropy_logits(logits).mean()
         with torch.set_grad_enabled(grad and cfg.lambda_C > 0):
@@ -341,6 +354,10 @@ class BitIO(nn.Module):
     """
 
     N_NODES = 510 + 256  # prefix nodes of depth 1..8 (2 + 4 + ... + 256), then whole bytes
+
+    def embed_parameter_names(self) -> set[str]:
+        """Parameters the input side uses (the first pipeline stage's)."""
+        return {"node_emb.weight", "prev_emb.weight", "bit_emb.weight"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

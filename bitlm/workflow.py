@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         import torch.distributed as dist
 
         dist.barrier()  # nobody tears down gloo while a peer still talks to it
-    dist.destroy_process_group()
+        dist.destroy_process_group()
     return result
 
 

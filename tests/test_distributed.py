@@ -29,6 +29,19 @@ def _model() -> BitTransformerLM:
     return BitTransformerLM(**CFG)
 
 
+def _finish() -> None:
+    """Leave the group together, then exit without running C++ static destructors: gloo's
+    threads can abort the process at interpreter exit ("terminate called without an active
+    exception") after all the work is done and saved."""
+    import os
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
 def _fsdp_worker(rank, world, port, strategy, out_dir):
     import torch.distributed as dist
 
@@ -50,8 +63,7 @@ def _fsdp_worker(rank, world, port, strategy, out_dir):
     full = full_state_dict(model) if strategy != "NO_SHARD" else model.module.state_dict()
     if rank == 0:
         torch.save({"losses": losses, "state": full}, f"{out_dir}/result.pt")
-    dist.barrier()  # nobody tears down gloo while a peer still talks to it
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
@@ -73,7 +85,6 @@ def test_fsdp_matches_single_process_training(strategy, tmp_path):
 
 
 def _pipeline_worker(rank, world, port, checkpoint, out_dir):
-    import torch.distributed as dist
 
     from bitlm.distributed import make_pipeline, setup_distributed
 
@@ -83,8 +94,7 @@ def _pipeline_worker(rank, world, port, checkpoint, out_dir):
     loss = pipe.train_step(_data() if rank == 0 else None)
     grads = {n: p.grad.clone() for n, p in pipe.named_parameters() if p.grad is not None}
     torch.save({"loss": loss, "grads": grads}, f"{out_dir}/rank{rank}.pt")
-    dist.barrier()  # nobody tears down gloo while a peer still talks to it
-    dist.destroy_process_group()
+    _finish()
 
 
 @pytest.mark.parametrize("checkpoint", ["never", "except_last"])

@@ -1,0 +1,126 @@
+"""What the platform's entrypoints share: Ray start-up, MLflow wiring, prepared-shard reading.
+
+Functions here run on the driver and inside Ray workers. The entrypoints register the
+``pipelines`` package for pickling by value, so workers on any node need only ``bitlm`` and the
+pinned dependencies installed, not this checkout on their path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MANIFEST = "manifest.json"
+
+
+# -- Ray -------------------------------------------------------------------------------------
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (or the job's cluster under ``ray job submit``), else
+    start a local one. Local clusters get logical CPUs (default 4 on a 2-core machine) so two
+    training workers and Ray Data tasks can be scheduled together."""
+    import ray
+    from ray import cloudpickle
+
+    import pipelines
+
+    cloudpickle.register_pickle_by_value(pipelines)  # Ray's own cloudpickle, not the PyPI one
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+        )
+    from ray.data import DataContext
+
+    DataContext.get_current().execution_options.preserve_order = True
+
+
+def storage_path(path: str) -> str:
+    """Absolute local path (Ray Train needs one) or a URI (s3://, gs://, ...) as given."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
+# -- MLflow ----------------------------------------------------------------------------------
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite store in the working directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def mlflow_client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri())
+
+
+def experiment_id(client, name: str) -> str:
+    """The id of MLflow experiment ``name``, created on first use. A local store keeps its
+    artifacts beside the database (``mlartifacts/``); a tracking server decides for itself."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:///"):
+        db = Path(tracking_uri()[len("sqlite:///") :])
+        location = (db.parent / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+# -- prepared shards -------------------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """A prepared-data directory that cannot be used (missing, corrupt, or empty)."""
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{data_dir} holds no prepared data ({MANIFEST} missing): run pipelines/prepare_data.py first")
+    return json.loads(path.read_text())
+
+
+def shard_paths(data_dir: str | Path, split: str) -> list[str]:
+    manifest = read_manifest(data_dir)
+    paths = [str(Path(data_dir) / s["file"]) for s in manifest["shards"] if s["split"] == split]
+    if not paths:
+        raise DataError(f"{data_dir} has no {split} shards")
+    return paths
+
+
+def unpack_bits(packed: Any, n_bits: int) -> np.ndarray:
+    """Rows of packed bits (a column of equal-length bytes) -> uint8 array (rows, n_bits)."""
+    if isinstance(packed, np.ndarray) and packed.dtype != object and packed.ndim == 2:
+        arr = packed.astype(np.uint8, copy=False)
+    else:
+        rows = list(packed)
+        arr = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), -1)
+    return np.unpackbits(arr, axis=1)[:, :n_bits]

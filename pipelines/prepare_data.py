@@ -1,0 +1,390 @@
+"""Prepare a corpus for training with Ray Data: read -> UTF-8 check -> parity encode -> windows
+-> parquet shards (train/val) + manifest.json.
+
+    python pipelines/prepare_data.py [--config configs/small.yaml] [--input PATH ...] [--output DIR]
+
+Inputs are files, directories (read recursively) and globs of text (``.txt``, ``.md``, any
+other extension), JSON Lines (``.jsonl``/``.ndjson``/``.json``: one document per line, its text in
+``data.text_field``) and parquet (``.parquet``: one document per row, text column
+``data.text_field``). With no input, the built-in corpus: one document per topic of Python's
+``pydoc_data.topics``.
+
+Every document becomes windows of ``data.window_bytes`` whole bytes (9 bits each: 8 data bits
++ parity), cut every ``data.stride_bytes``. Documents go to train or validation by a hash of
+their source and record number with ``data.seed``, so the split is deterministic and never
+cuts a document. Shards are parquet files with one row per window: ``bits`` (the window's
+9 * window_bytes bits, packed 8 per byte), ``doc_id`` and ``offset`` (the window's first byte
+in its document), so any window decodes back to its text. ``documents.parquet`` lists every
+document (id, source, record, bytes, split, windows).
+
+Bad records never stop the run and are never dropped silently: invalid UTF-8, empty
+documents, binary files, malformed JSON, a missing text field, unreadable files, and documents
+shorter than one window are counted by reason in the manifest, with examples. If nothing
+usable remains the run fails with a message listing the reasons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from bitlm.bits import bytes_to_bits  # noqa: E402
+from bitlm.config import DataConfig, dump_config, load_config, to_dict  # noqa: E402
+from pipelines.common import MANIFEST, DataError, init_ray  # noqa: E402
+
+JSONL_EXT = {".jsonl", ".ndjson", ".json"}
+PARQUET_EXT = {".parquet"}
+EXAMPLES_PER_REASON = 5
+
+
+# -- discovery (driver) --------------------------------------------------------------------------
+
+
+def discover(inputs: list[str]) -> tuple[list[str], list[dict]]:
+    """Expand files, directories and globs; return (readable files, rejects for the rest)."""
+    files, rejects = [], []
+    for item in inputs:
+        matches = sorted(glob.glob(item, recursive=True)) if any(c in item for c in "*?[") else [item]
+        if not matches:
+            rejects.append({"reason": "unreadable_file", "source": item, "detail": "no file matches"})
+        for path in matches:
+            p = Path(path)
+            if p.is_dir():
+                files.extend(str(f) for f in sorted(p.rglob("*")) if f.is_file() and not f.name.startswith("."))
+            elif p.is_file() and os.access(p, os.R_OK):
+                files.append(str(p))
+            else:
+                detail = "not found" if not p.exists() else "permission denied"
+                rejects.append({"reason": "unreadable_file", "source": str(p), "detail": detail})
+    return sorted(set(files)), rejects
+
+
+# -- documents (Ray Data tasks) ------------------------------------------------------------------
+
+
+def _reject(source: str, record: int, reason: str, detail: str = "") -> dict:
+    return {"source": source, "record": record, "raw": b"", "reason": reason, "detail": detail}
+
+
+def _doc(source: str, record: int, raw: bytes) -> dict:
+    return {"source": source, "record": record, "raw": raw, "reason": "", "detail": ""}
+
+
+def _text_file_docs(row: dict) -> list[dict]:
+    """A text file is one document."""
+    return [_doc(row["path"], 0, bytes(row["bytes"]))]
+
+
+def _jsonl_docs(row: dict, text_field: str) -> list[dict]:
+    """A JSON Lines file is one document per non-empty line."""
+    out = []
+    lines = bytes(row["bytes"]).split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the file is not an empty record
+    for i, line in enumerate(lines):
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            reason = "empty_document" if not line.strip() else "malformed_json"
+            out.append(_reject(row["path"], i, reason, str(e)[:120]))
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+            got = type(obj.get(text_field)).__name__ if isinstance(obj, dict) and text_field in obj else "absent"
+            out.append(_reject(row["path"], i, "missing_text_field", f"field {text_field!r}: {got}"))
+            continue
+        out.append(_doc(row["path"], i, obj[text_field].encode("utf-8", errors="surrogatepass")))
+    return out
+
+
+def _parquet_docs(batch: dict[str, np.ndarray], text_field: str) -> dict[str, list]:
+    out: dict[str, list] = defaultdict(list)
+    for i, (path, text) in enumerate(zip(batch["path"], batch[text_field])):
+        d = _doc(str(path), int(batch["__row"][i]), b"") if isinstance(text, str) else None
+        if d is None:
+            d = _reject(str(path), int(batch["__row"][i]), "missing_text_field", f"{text_field!r} is null")
+        else:
+            d["raw"] = text.encode("utf-8", errors="surrogatepass")
+        for k, v in d.items():
+            out[k].append(v)
+    return out
+
+
+def _looks_binary(raw: bytes) -> bool:
+    """NUL bytes, or mostly bytes that are neither printable ASCII, whitespace nor UTF-8."""
+    head = raw[:8192]
+    if b"\x00" in head:
+        return True
+    controls = sum(1 for b in head if b < 32 and b not in (9, 10, 12, 13))
+    return len(head) > 0 and controls / len(head) > 0.1
+
+
+def _validate(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Mark documents that cannot be trained on with their reason."""
+    reasons, details = list(batch["reason"]), list(batch["detail"])
+    for i, raw in enumerate(batch["raw"]):
+        if reasons[i]:
+            continue
+        raw = bytes(raw)
+        if _looks_binary(raw):
+            reasons[i], details[i] = "binary_file", "NUL or control bytes"
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            reasons[i], details[i] = "invalid_utf8", f"byte {e.start}: {e.reason}"
+            continue
+        if not text.strip():
+            reasons[i], details[i] = "empty_document", ""
+    batch["reason"], batch["detail"] = np.array(reasons, dtype=object), np.array(details, dtype=object)
+    return batch
+
+
+def doc_id(source: str, record: int) -> int:
+    """A stable 63-bit id of a document."""
+    h = hashlib.blake2b(f"{source}#{record}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") >> 1
+
+
+def split_of(source: str, record: int, seed: int, val_fraction: float) -> str:
+    h = hashlib.blake2b(f"{seed}:{source}#{record}".encode(), digest_size=8).digest()
+    return "val" if int.from_bytes(h, "big") / 2**64 < val_fraction else "train"
+
+
+def _windows(
+    batch: dict[str, np.ndarray], window: int, stride: int, seed: int, val_fraction: float
+) -> dict[str, np.ndarray]:
+    """Cut each document into parity-encoded windows, packed 8 bits a byte (vectorized per
+    document). Columns are plain numpy arrays, so blocks move through Arrow without pickling."""
+    nbytes = -(-9 * window // 8)
+    parts: dict[str, list[np.ndarray]] = {"bits": [], "doc_id": [], "offset": [], "split": []}
+    for source, record, raw in zip(batch["source"], batch["record"], batch["raw"]):
+        data = np.frombuffer(bytes(raw), dtype=np.uint8)
+        if data.size < window:
+            continue
+        starts = np.arange(0, data.size - window + 1, stride)
+        bits = bytes_to_bits(data[starts[:, None] + np.arange(window)])  # (n, 9 * window)
+        parts["bits"].append(np.packbits(bits, axis=1))
+        parts["doc_id"].append(np.full(len(starts), doc_id(str(source), int(record)), dtype=np.int64))
+        parts["offset"].append(starts.astype(np.int64))
+        parts["split"].append(np.full(len(starts), split_of(str(source), int(record), seed, val_fraction)))
+    if not parts["bits"]:
+        return {
+            "bits": np.zeros((0, nbytes), np.uint8),
+            "doc_id": np.zeros(0, np.int64),
+            "offset": np.zeros(0, np.int64),
+            "split": np.zeros(0, "<U5"),
+        }
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+
+def read_documents(files: list[str], cfg: DataConfig):
+    """One Ray Dataset of documents ``{source, record, raw, reason, detail}`` from the inputs."""
+    import ray.data
+
+    parts = []
+    text = [f for f in files if Path(f).suffix.lower() not in JSONL_EXT | PARQUET_EXT]
+    jsonl = [f for f in files if Path(f).suffix.lower() in JSONL_EXT]
+    parquet = [f for f in files if Path(f).suffix.lower() in PARQUET_EXT]
+    if text:
+        parts.append(ray.data.read_binary_files(text, include_paths=True).flat_map(_text_file_docs))
+    if jsonl:
+        parts.append(
+            ray.data.read_binary_files(jsonl, include_paths=True).flat_map(
+                _jsonl_docs, fn_kwargs={"text_field": cfg.text_field}
+            )
+        )
+    file_rejects = []
+    good_parquet = []
+    for f in parquet:
+        try:
+            names = pq.read_schema(f).names
+        except (pa.ArrowInvalid, OSError) as e:
+            file_rejects.append({"reason": "unreadable_file", "source": f, "detail": str(e)[:120]})
+            continue
+        if cfg.text_field not in names:
+            file_rejects.append(
+                {"reason": "missing_text_field", "source": f, "detail": f"no column {cfg.text_field!r} in {names}"}
+            )
+            continue
+        good_parquet.append(f)
+    for f in good_parquet:  # one read per file, so a row's number is its index in its file
+        table = pq.read_table(f, columns=[cfg.text_field])
+        table = table.append_column("path", pa.array([f] * table.num_rows)).append_column(
+            "__row", pa.array(range(table.num_rows))
+        )
+        parts.append(
+            ray.data.from_arrow(table).map_batches(
+                _parquet_docs, fn_kwargs={"text_field": cfg.text_field}, batch_format="numpy"
+            )
+        )
+    if not files:
+        from pydoc_data.topics import topics
+
+        items = [_doc(f"pydoc_data.topics:{name}", 0, topics[name].encode("utf-8")) for name in sorted(topics)]
+        parts.append(ray.data.from_items(items))
+    if not parts:
+        return None, file_rejects
+    ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    return ds.map_batches(_validate, batch_format="numpy"), file_rejects
+
+
+def write_shards(ds, out_dir: Path, split: str, rows_per_shard: int) -> list[dict]:
+    """Write ``ds`` as parquet shards ``{split}-00000.parquet`` ... with pyarrow; return their
+    manifest entries (file, rows, sha256)."""
+    shards = []
+    for i, batch in enumerate(ds.iter_batches(batch_size=rows_per_shard, batch_format="numpy")):
+        packed = np.ascontiguousarray(batch["bits"], dtype=np.uint8)  # (rows, packed bytes)
+        width = packed.shape[1]
+        bits = pa.FixedSizeBinaryArray.from_buffers(
+            pa.binary(width), len(packed), [None, pa.py_buffer(packed.tobytes())]
+        )
+        table = pa.table({"bits": bits.cast(pa.binary()), "doc_id": batch["doc_id"], "offset": batch["offset"]})
+        name = f"{split}-{i:05d}.parquet"
+        pq.write_table(table, out_dir / name)
+        digest = hashlib.sha256((out_dir / name).read_bytes()).hexdigest()
+        shards.append({"file": name, "split": split, "rows": table.num_rows, "sha256": digest})
+    return shards
+
+
+def prepare(cfg: DataConfig, inputs: list[str] | None = None, output_dir: str | None = None) -> dict:
+    """Run the whole preparation; return the manifest (also written to the output dir)."""
+    import ray
+
+    start = time.time()
+    inputs = list(cfg.inputs if inputs is None else inputs)
+    out_dir = Path(output_dir or cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in list(out_dir.glob("*.parquet")) + [out_dir / MANIFEST]:
+        old.unlink(missing_ok=True)
+    files, rejects = discover(inputs) if inputs else ([], [])
+    if inputs and not files and not rejects:
+        raise DataError(f"no input files found in {inputs}")
+    docs, file_rejects = read_documents(files, cfg) if (files or not inputs) else (None, [])
+    rejects += file_rejects
+    doc_rows = []
+    if docs is not None:
+        docs = docs.materialize()
+        meta = docs.select_columns(["source", "record", "reason", "detail"]).take_all()
+        sizes = docs.map_batches(
+            lambda b: {"n": np.array([len(bytes(r)) for r in b["raw"]], np.int64)}, batch_format="numpy"
+        )
+        for row, size in zip(meta, sizes.take_all()):
+            if row["reason"]:
+                rejects.append({k: row[k] for k in ("reason", "source", "record", "detail")})
+            else:
+                doc_rows.append({"source": row["source"], "record": int(row["record"]), "bytes": int(size["n"])})
+    stride = cfg.stride_bytes or cfg.window_bytes
+    short = [d for d in doc_rows if d["bytes"] < cfg.window_bytes]
+    for d in short:
+        rejects.append(
+            {
+                "reason": "shorter_than_window",
+                "source": d["source"],
+                "record": d["record"],
+                "detail": f"{d['bytes']} bytes < window {cfg.window_bytes}",
+            }
+        )
+    usable = [d for d in doc_rows if d["bytes"] >= cfg.window_bytes]
+    if not usable:
+        raise DataError(
+            f"nothing usable remains in {inputs or 'the built-in corpus'}: rejected {dict(Counter(r['reason'] for r in rejects))}"
+        )
+    valid = docs.filter(lambda r: not r["reason"])
+    windows = valid.map_batches(
+        _windows,
+        batch_format="numpy",
+        fn_kwargs={"window": cfg.window_bytes, "stride": stride, "seed": cfg.seed, "val_fraction": cfg.val_fraction},
+    ).materialize()
+    manifest_shards = []
+    counts: dict[str, dict[str, int]] = {}
+    for split in ("train", "val"):
+        part = windows.filter(lambda r, s=split: r["split"] == s)
+        if split == "train":
+            part = part.random_shuffle(seed=cfg.seed)
+        manifest_shards += write_shards(part, out_dir, split, cfg.shard_rows)
+    for d in usable:
+        d["doc_id"] = doc_id(d["source"], d["record"])
+        d["split"] = split_of(d["source"], d["record"], cfg.seed, cfg.val_fraction)
+        d["windows"] = max(0, (d["bytes"] - cfg.window_bytes) // stride + 1)
+    for split in ("train", "val"):
+        ds = [d for d in usable if d["split"] == split]
+        counts[split] = {
+            "documents": len(ds),
+            "bytes": sum(d["bytes"] for d in ds),
+            "windows": sum(s["rows"] for s in manifest_shards if s["split"] == split),
+        }
+    if counts["val"]["windows"] == 0 or counts["train"]["windows"] == 0:
+        raise DataError(
+            f"the {'val' if counts['val']['windows'] == 0 else 'train'} split is empty: {counts}; use more documents or change data.val_fraction / data.seed"
+        )
+    pq.write_table(pa.Table.from_pylist(usable), out_dir / "documents.parquet")
+    by_reason: dict[str, dict] = {}
+    for r in rejects:
+        entry = by_reason.setdefault(r["reason"], {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < EXAMPLES_PER_REASON:
+            entry["examples"].append({k: r.get(k) for k in ("source", "record", "detail")})
+    manifest = {
+        "format": "bitlm-shards",
+        "version": 1,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.time() - start, 2),
+        "inputs": inputs or ["builtin:pydoc_data.topics"],
+        "config": to_dict(cfg),
+        "window_bytes": cfg.window_bytes,
+        "bits_per_window": 9 * cfg.window_bytes,
+        "splits": counts,
+        "shards": manifest_shards,
+        "rejected": by_reason,
+        "rejected_total": len(rejects),
+        "ray_version": ray.__version__,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="experiment YAML; its data section is used")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--input",
+        action="append",
+        help="file, directory or glob (repeatable); default: data.inputs or the built-in corpus",
+    )
+    ap.add_argument("--output", help="output directory (default: data.output_dir)")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    print(dump_config(cfg.data))
+    init_ray()
+    manifest = prepare(cfg.data, args.input, args.output)
+    s = manifest["splits"]
+    print(
+        f"\nprepared {s['train']['documents']} + {s['val']['documents']} documents "
+        f"({s['train']['bytes']:,} + {s['val']['bytes']:,} bytes) into {s['train']['windows']} train and "
+        f"{s['val']['windows']} val windows, {len(manifest['shards'])} shards, in {manifest['seconds']} s"
+    )
+    for reason, entry in manifest["rejected"].items():
+        print(f"rejected {entry['count']:5d} x {reason}: e.g. {entry['examples'][0]}")
+    print(f"manifest: {Path(args.output or cfg.data.output_dir) / MANIFEST}")
+    return manifest
+
+
+if __name__ == "__main__":
+    main()
