@@ -247,6 +247,7 @@ class BitTransformerLM(nn.Module):
         cache: KVCache | None = None,
         return_attention: bool | None = None,
         causal: bool = True,
+        telemetry: bool = True,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Next-bit logits (B, T, 2) and telemetry for bits (B, T) (or (T,) for one sequence).
 
@@ -254,6 +255,7 @@ class BitTransformerLM(nn.Module):
         new bits only, and the logits equal the full forward pass's at those positions.
         ``causal=False`` is diffusion mode: attention sees the whole window and ``logits[:, t]``
         is the model's belief about the clean value of bit t itself (see bitlm.diffusion).
+        ``telemetry=False`` skips K/C/S (an empty dict is returned): the decoding loop's fast path.
         """
         bits = _check_bits(bits)
         if not causal and (cache is not None or self.config.arch != "bit"):
@@ -283,7 +285,7 @@ class BitTransformerLM(nn.Module):
             cache.length += x.size(1)
             offset = cache.bits_seen
             cache.bits_seen += bits.size(1)
-        return logits, self._telemetry(logits, bits, acts, atts, offset)
+        return logits, (self._telemetry(logits, bits, acts, atts, offset) if telemetry else {})
 
     def _run_blocks(self, x: torch.Tensor, cache: KVCache | None, need_weights: bool, causal: bool = True):
         acts: list[torch.Tensor] = []

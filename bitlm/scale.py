@@ -162,8 +162,16 @@ def _expand_width(model: BitTransformerLM, factor: int, noise: float, generator)
         put(f"{p}.attn.proj", wd.linear(block.attn.proj, wd.resid, wd.heads))
         put(f"{p}.mlp.fc", wd.linear(block.mlp.fc, wd.hidden, wd.resid))
         put(f"{p}.mlp.proj", wd.linear(block.mlp.proj, wd.resid, wd.hidden))
-    for name, module in model.io.named_modules():  # heads reading the stream
-        if isinstance(module, nn.Linear):
+    for name, module in model.io.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name.endswith("_fc"):  # an MLP's first layer: hidden units are duplicated too
+            hidden = torch.arange(module.out_features * factor) % module.out_features
+            put(f"io.{name}", wd.linear(module, hidden, wd.resid))
+        elif name.endswith("_proj"):  # an MLP's second layer writes the stream
+            hidden = torch.arange(module.in_features * factor) % module.in_features
+            put(f"io.{name}", wd.linear(module, wd.resid, hidden))
+        else:  # output heads read the stream
             put(f"io.{name}", wd.linear(module, torch.arange(module.out_features), wd.resid))
     missing = sorted(set(new.state_dict()) - set(state))
     if missing:
@@ -192,3 +200,26 @@ def expand_optimizer(
         if q is not None and q.shape == p.shape and q in optimizer.state:
             new_opt.state[p] = copy.deepcopy(optimizer.state[q])
     return new_opt
+
+
+def grow_to(
+    model: BitTransformerLM, target, generator: torch.Generator | None = None
+) -> tuple[BitTransformerLM, list[str]]:
+    """Grow ``model`` by doubling expansions until its config equals ``target`` (a
+    ModelConfig); return the grown model and the strategies applied, in order. A target that
+    no sequence of depth/width/context doublings reaches raises ValueError."""
+    from dataclasses import asdict
+
+    steps = []
+    fields = {"depth": "num_layers", "width": "d_model", "context": "max_seq_len"}
+    while True:
+        cur = model.config
+        if asdict(cur) == asdict(target):
+            return model, steps
+        for strategy, name in fields.items():
+            if getattr(target, name) >= 2 * getattr(cur, name):
+                model = expand_model(model, strategy, generator=generator)
+                steps.append(strategy)
+                break
+        else:
+            raise ValueError(f"cannot grow {asdict(cur)} into {asdict(target)} by doubling depth, width or context")

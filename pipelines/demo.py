@@ -11,6 +11,7 @@ prints a generated sample and the command that opens the MLflow UI.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,8 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     result = evaluate.evaluate_checkpoint(out["checkpoint"], cfg.data.output_dir)
     evaluate.log_to_mlflow(out["run_id"], result)
     print(evaluate.table(result))
+    stable = Path("runs/demo/final_checkpoint")  # what serve/config.yaml and `make serve` load
+    shutil.rmtree(stable, ignore_errors=True)
+    shutil.copytree(out["checkpoint"], stable)
     print("== 4/4 sample")
-    model = BitTransformerLM.from_pretrained(out["checkpoint"]).eval()
+    model = BitTransformerLM.from_pretrained(stable).eval()
     prompt = "The return statement"
     print(f"   {prompt!r} -> {sample_text(model, prompt, 160, temperature=0.7, seed=0)!r}")
     m = out["metrics"]

@@ -1,0 +1,71 @@
+"""The yardstick: a plain byte-level GPT (one position per byte, 256-way softmax).
+
+It is not part of bitlm. It uses bitlm's transformer Block, so the comparison with the bit
+models is about what goes in and comes out of the transformer, not about the block itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bitlm.config import ModelConfig
+from bitlm.model import Block
+
+
+class ByteGPT(nn.Module):
+    def __init__(
+        self, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, max_bytes: int, dropout: float = 0.0
+    ):
+        super().__init__()
+        cfg = ModelConfig(
+            d_model=d_model,
+            nhead=nhead,
+            num_layers=num_layers,
+            dim_feedforward=dim_feedforward,
+            max_seq_len=max_bytes,
+            dropout=dropout,
+        )
+        self.byte_emb = nn.Embedding(256, d_model)
+        self.pos_emb = nn.Embedding(max_bytes, d_model)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(num_layers)])
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, 256)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * num_layers) if name.endswith("proj.weight") else 0.02)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        """Next-byte logits (B, T, 256) for bytes (B, T)."""
+        start = cache.length if cache is not None else 0
+        h = self.byte_emb(x) + self.pos_emb(torch.arange(start, start + x.size(1), device=x.device))
+        for i, block in enumerate(self.blocks):
+            h = block(h, cache, i)[0]
+        if cache is not None:
+            cache.length += x.size(1)
+        return self.head(self.ln_f(h))
+
+    def loss(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self(x[:, :-1])
+        return F.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        from bitlm.model import KVCache
+
+        cache = KVCache(len(self.blocks), self.pos_emb.num_embeddings)
+        logits = self(prompt, cache)[:, -1]
+        out = []
+        for _ in range(n):
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            out.append(nxt)
+            logits = self(nxt, cache)[:, -1]
+        return torch.cat(out, 1)

@@ -1,0 +1,182 @@
+"""``arch="byte_patch"``: bits at byte-level cost.
+
+The model still reads the parity-encoded bit sequence and returns one next-bit distribution
+per input bit, but the transformer runs one *global* position per patch of ``patch_bytes``
+bytes instead of one per bit, and the bits are decoded locally:
+
+- Global input: position 0 is a learned start vector; position k >= 1 embeds patch k-1, the
+  sum over its bytes j of a (byte position j, byte value) table row (the row index is a
+  function of the 8 data bits, so the input is still bits). The global output h_k has seen
+  patches < k only and predicts patch k.
+- Local decoder: byte j of patch k is decoded from ``c = h_k + (local context of the bytes of
+  patch k before j)``, bit by bit, each bit's distribution conditioned on the bits of the byte
+  seen so far. Two decoders (``local_decoder``):
+
+  - ``"tree"``: a prefix tree of logistic units, the PAQ/cmix factorization: bit i's logit is
+    ``w[n] . c + b[n]`` where ``n = 2^i - 1 + (the value of bits 0..i-1)`` is the tree node
+    the bits seen so far reach (255 nodes).
+  - ``"softmax"``: a byte distribution ``q = softmax(W c + b)`` over the 256 values, read bit
+    by bit: bit i's two logits are the log-masses of the two subtrees below the node the seen
+    bits reach, ``log sum q[bytes with prefix + "0"]`` and ``log sum q[... + "1"]``. The
+    conditionals multiply back to exactly q. It costs one 256-way projection per byte.
+
+  Either way the 256 byte probabilities are the products along each path, so they sum to 1.
+  With P > 1, the local context of byte j is ``LayerNorm(pos[j] + sum of (position, value)
+  embeddings of bytes 0..j-1 of the patch)`` passed through a small MLP.
+- Parity: never predicted. Its distribution is set from the 8 data bits with probability 1
+  for the correct bit (logits 0 and -1e4), so it costs 0 bits and generation always passes
+  the parity check.
+
+Causality: the logit at bit position t (predicting bit t+1) uses only bits <= t: h for the
+patch holding bit t+1 sees earlier patches, the local context sees earlier bytes of the patch,
+and the tree node uses the earlier bits of the byte. Incremental decoding keeps the global KV
+cache, the output h of the current patch and the bits of the unfinished patch; a byte costs
+1/P of a global step plus 8 tree lookups.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+PARITY_LOGIT = 1e4
+_PLACE = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])
+
+
+class BytePatchIO(nn.Module):
+    """Embeds bits into global patch positions and decodes per-bit logits from them."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.P = cfg.patch_bytes
+        self.patch_bits = 9 * self.P
+        self.max_bits = cfg.max_seq_len
+        self.max_positions = cfg.max_seq_len // self.patch_bits + 2  # start vector + patches
+        d = cfg.d_model
+        self.bos_emb = nn.Embedding(1, d)
+        self.byte_emb = nn.Embedding(256 * self.P, d)  # (byte position in patch, value)
+        if self.P > 1:
+            self.local_emb = nn.Embedding(256 * self.P, d)  # earlier bytes of the patch, for the decoder
+            self.local_pos_emb = nn.Embedding(self.P, d)
+            self.ln_local = nn.LayerNorm(d)
+        self.local_decoder = cfg.local_decoder
+        if self.local_decoder == "tree":
+            self.tree = nn.Linear(d, 255)
+        else:
+            self.byte_head = nn.Linear(d, 256)
+        if self.P > 1:
+            self.local_fc = nn.Linear(d, 2 * d)
+            self.local_proj = nn.Linear(2 * d, d)
+
+    def embed_parameter_names(self) -> set[str]:
+        """Parameters the input side uses (the first pipeline stage's)."""
+        return {"bos_emb.weight", "byte_emb.weight"}
+
+    # -- input ------------------------------------------------------------------------------
+
+    def embed(self, bits: torch.Tensor, cache):
+        """Global inputs for the patch positions that ``bits`` makes computable."""
+        B = bits.size(0)
+        if cache is None:
+            ctx, start = bits, 0
+        else:
+            tail = cache.state.get("tail")
+            ctx = bits if tail is None else torch.cat([tail, bits], 1)
+            start = cache.length
+        n_complete = ctx.size(1) // self.patch_bits
+        parts = []
+        if start == 0:
+            parts.append(self.bos_emb.weight.expand(B, 1, -1))
+        if n_complete:
+            values = _byte_values(ctx[:, : n_complete * self.patch_bits]).view(B, n_complete, self.P)
+            rows = values + 256 * torch.arange(self.P, device=bits.device)
+            parts.append(self.byte_emb(rows).sum(2))  # (B, n_complete, C)
+        x = torch.cat(parts, 1) if parts else bits.new_zeros(B, 0, self.bos_emb.embedding_dim, dtype=torch.float)
+        if cache is not None:
+            cache.state["ctx"] = ctx  # the unfinished patch plus the new bits, for logits()
+            cache.state["tail"] = ctx[:, n_complete * self.patch_bits :]
+        return x, start
+
+    # -- output -----------------------------------------------------------------------------
+
+    def logits(self, h: torch.Tensor, bits: torch.Tensor, cache) -> torch.Tensor:
+        """Next-bit logits (B, T, 2) for the new bits, from global outputs ``h``."""
+        if cache is None:
+            return self._local_logits(h, bits)
+        ctx = cache.state.pop("ctx")
+        prev = cache.state.get("h")
+        h_all = h if prev is None else torch.cat([prev, h], 1)
+        out = self._local_logits(h_all, ctx)[:, -bits.size(1) :]
+        cache.state["h"] = h_all[:, -1:]  # the context of the unfinished patch
+        return out
+
+    def _local_logits(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """Logits for bits (B, L) that start at the patch whose context is h[:, 0]."""
+        B, L = bits.shape
+        n_bytes = L // 9 + 1  # the byte of the last target (bit L) too
+        padded = F.pad(bits, (0, 9 * n_bytes - L))
+        values = _byte_values(padded)  # (B, n_bytes); only prefixes of seen bits are used
+        byte_pos = torch.arange(n_bytes, device=bits.device)
+        c = h[:, byte_pos // self.P]  # (B, n_bytes, C) the patch context of each byte
+        if self.P > 1:
+            c = c + self._patch_context(values)
+        # targets p = 1..L: byte p // 9, phase p % 9
+        p = torch.arange(1, L + 1, device=bits.device)
+        byte, phase = p // 9, p % 9
+        data = phase < 8
+        depth = phase.clamp(max=7)  # parity targets get a dummy node, replaced below
+        prefix = values[:, byte] >> (8 - depth)  # (B, L) value of the bits before this one
+        if self.local_decoder == "tree":
+            node = (1 << depth) - 1 + prefix
+            z = self.tree(c).reshape(B, -1).gather(1, byte * 255 + node)  # (B, L)
+            out = torch.stack([torch.zeros_like(z), z], -1)  # P(bit = 1) = sigmoid(z)
+        else:
+            masses = _subtree_log_masses(F.log_softmax(self.byte_head(c).float(), -1))  # (B, n_bytes, 510)
+            child0 = (1 << (depth + 1)) - 2 + 2 * prefix  # node of depth + 1 below the seen bits
+            flat = masses.reshape(B, -1)
+            base = byte * 510
+            out = torch.stack([flat.gather(1, base + child0), flat.gather(1, base + child0 + 1)], -1)
+        parity = _parity(values)[:, byte].to(out.dtype)  # (B, L) correct parity of each target's byte
+        fixed = torch.stack([-PARITY_LOGIT * parity, -PARITY_LOGIT * (1 - parity)], -1)
+        return torch.where(data[None, :, None], out, fixed)
+
+    def _patch_context(self, values: torch.Tensor) -> torch.Tensor:
+        """Local context (B, n_bytes, C): byte j of a patch sees bytes 0..j-1 of its patch."""
+        B, n = values.shape
+        j = torch.arange(n, device=values.device) % self.P
+        e = self.local_emb(values + 256 * j)  # (B, n, C)
+        pad = (-n) % self.P
+        e = F.pad(e, (0, 0, 0, pad)).view(B, -1, self.P, e.size(-1))
+        before = e.cumsum(2) - e  # sum of the earlier bytes of the same patch
+        before = before.view(B, -1, e.size(-1))[:, :n]
+        x = self.ln_local(before + self.local_pos_emb(j))
+        return x + self.local_proj(F.gelu(self.local_fc(x)))
+
+
+def _subtree_log_masses(logq: torch.Tensor) -> torch.Tensor:
+    """Log-probability mass of every prefix-tree node of depth 1..8 (..., 510) from byte
+    log-probabilities (..., 256): depth d's 2^d nodes sit at offset 2^d - 2, in value order."""
+    levels = [logq]
+    for _ in range(7):
+        x = levels[-1]
+        levels.append(torch.logaddexp(x[..., 0::2], x[..., 1::2]))
+    return torch.cat(levels[::-1], -1)  # depth 1 (2 nodes) first, depth 8 (256) last
+
+
+def _byte_values(bits: torch.Tensor) -> torch.Tensor:
+    """(B, 9n) bits -> (B, n) byte values from their 8 data bits."""
+    B = bits.size(0)
+    groups = bits.view(B, -1, 9)[..., :8]
+    return (groups * _PLACE.to(bits.device)).sum(-1)
+
+
+def _parity(values: torch.Tensor) -> torch.Tensor:
+    """Even parity bit of byte values."""
+    v = values
+    v = v ^ (v >> 4)
+    v = v ^ (v >> 2)
+    v = v ^ (v >> 1)
+    return v & 1

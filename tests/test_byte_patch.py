@@ -1,0 +1,127 @@
+"""arch="byte_patch": the same API as the bit model, one transformer position per patch."""
+
+import math
+
+import pytest
+import torch
+
+from bitlm import BitTransformerLM, bytes_to_bits, generate_bits, parity_ok, sample_text, text_to_bits, train_loop
+from bitlm.quantization import convert_qat_fx, prepare_qat_fx, quantize_dynamic
+from bitlm.scale import expand_model
+
+CFG = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=288, dropout=0.0, arch="byte_patch")
+
+
+def _bits(n_bytes=30, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (batch, n_bytes), generator=g).numpy().astype("uint8")
+    return torch.from_numpy(bytes_to_bits(data)).long()
+
+
+@pytest.fixture(params=[1, 2, 4], ids=lambda p: f"P{p}")
+def model(request):
+    torch.manual_seed(0)
+    return BitTransformerLM(**CFG, patch_bytes=request.param).eval()
+
+
+def test_shapes_and_one_distribution_per_bit(model):
+    bits = _bits()
+    logits, tel = model(bits)
+    assert logits.shape == (2, bits.size(1), 2)
+    assert all(0 <= float(tel[k]) <= 1 for k in ("negentropy_logits", "lz_complexity_logits", "symbiosis_score"))
+    assert float(tel["symbiosis_score"]) > 0.5  # parity positions do not pin S to 0
+
+
+def test_logits_depend_only_on_earlier_bits(model):
+    bits = _bits(batch=1)
+    base = model(bits)[0]
+    for t in (0, 8, 9, 20, 44, 100, 200):
+        flipped = bits.clone()
+        flipped[0, t] ^= 1
+        assert torch.allclose(model(flipped)[0][:, :t], base[:, :t], atol=1e-5), t
+
+
+def test_parity_positions_carry_probability_one_for_the_right_bit(model):
+    bits = _bits()
+    probs = model(bits)[0].softmax(-1)
+    p = torch.arange(1, bits.size(1))
+    parity_targets = p % 9 == 8
+    right = probs[:, :-1][:, parity_targets].gather(-1, bits[:, 1:][:, parity_targets].unsqueeze(-1))
+    assert torch.all(right == 1.0)
+
+
+def test_byte_probabilities_sum_to_one(model):
+    """At a byte start, the 256 paths through the prefix tree form a distribution."""
+    prefix = _bits(n_bytes=5, batch=1)
+    total = 0.0
+    candidates = torch.from_numpy(bytes_to_bits(torch.arange(256).numpy().astype("uint8")[:, None])).long()  # (256, 9)
+    seqs = torch.cat([prefix.expand(256, -1), candidates], 1)
+    logp = model(seqs)[0].log_softmax(-1)
+    start = prefix.size(1) - 1  # logits at position t predict bit t+1
+    for i in range(8):
+        total_i = logp[:, start + i].gather(-1, seqs[:, start + i + 1 : start + i + 2]).squeeze(-1)
+        total = total + total_i
+    assert math.isclose(float(torch.logsumexp(total, 0).exp()), 1.0, rel_tol=1e-4)
+
+
+def test_cached_and_uncached_generation_agree(model):
+    prompt = torch.tensor(text_to_bits("patches"))
+    a, la = generate_bits(model, prompt, 12, temperature=0, use_cache=True, return_logits=True)
+    b, lb = generate_bits(model, prompt, 12, temperature=0, use_cache=False, return_logits=True)
+    assert torch.equal(a, b) and torch.allclose(la, lb, atol=1e-4)
+    cache = model.new_cache()
+    bits = _bits(batch=1)
+    parts = [model(bits[:, :13], cache)[0]] + [model(bits[:, t : t + 5], cache)[0] for t in range(13, bits.size(1), 5)]
+    assert torch.allclose(torch.cat(parts, 1), model(bits)[0], atol=1e-5)
+
+
+def test_generation_always_passes_parity(model):
+    out = generate_bits(
+        model,
+        torch.tensor(text_to_bits("ok")).repeat(3, 1),
+        40,
+        temperature=1.5,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert parity_ok(out).all()
+    assert isinstance(sample_text(model, "Hi", 10, seed=0), str)
+
+
+def test_train_loop_lowers_loss_and_parity_costs_nothing():
+    torch.manual_seed(0)
+    model = BitTransformerLM(**CFG, patch_bytes=2)
+    stream = torch.tensor(text_to_bits("byte patches learn fast. " * 30))
+    data = torch.stack([stream[9 * i : 9 * i + 288] for i in range(40)])
+    h = train_loop(model, data, epochs=6, batch_size=8, lr=3e-3, val_data=data[:8])
+    assert h.steps[-1]["loss"] < 0.5 * h.steps[0]["loss"]
+    assert h.evals[-1]["val_parity_bpb"] < 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["depth", "width", "context"])
+def test_expansion_preserves_function(strategy):
+    torch.manual_seed(0)
+    model = BitTransformerLM(**CFG, patch_bytes=2).eval()
+    bits = _bits()
+    assert torch.allclose(expand_model(model, strategy).eval()(bits)[0], model(bits)[0], atol=1e-5)
+
+
+def test_checkpoint_records_the_architecture(tmp_path):
+    model = BitTransformerLM(**CFG, patch_bytes=4).eval()
+    model.save_pretrained(tmp_path)
+    loaded = BitTransformerLM.from_pretrained(tmp_path).eval()
+    assert (loaded.config.arch, loaded.config.patch_bytes) == ("byte_patch", 4)
+    bits = _bits()
+    assert torch.equal(loaded(bits)[0], model(bits)[0])
+
+
+def test_quantized_byte_patch_models_run():
+    model = BitTransformerLM(**CFG, patch_bytes=2).eval()
+    bits = _bits()
+    ref = model(bits)[0].softmax(-1)
+    assert (quantize_dynamic(model)(bits)[0].softmax(-1) - ref).abs().max() < 0.05
+    assert convert_qat_fx(prepare_qat_fx(model))(bits)[0].shape == ref.shape
+
+
+def test_diffusion_mode_is_refused_clearly():
+    with pytest.raises(ValueError, match="arch='bit'"):
+        BitTransformerLM(**CFG)(_bits(), causal=False)
