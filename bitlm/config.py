@@ -47,6 +47,7 @@ class ModelConfig:
     bit_embedding: str = "prefix"  # arch "bit": "prefix" (byte-aware) or "plain" (bit only)
     arch: str = "bit"  # "bit": one position per bit; "byte_patch": one per patch of bytes
     patch_bytes: int = 1  # bytes per global position (byte_patch only)
+    local_decoder: str = "softmax"  # byte_patch: "softmax" (bit conditionals of a byte softmax) or "tree"
 
     def __post_init__(self) -> None:
         if self.d_model % self.nhead:
@@ -62,6 +63,8 @@ class ModelConfig:
             raise ConfigError(f"model.arch must be 'bit' or 'byte_patch', got {self.arch!r}")
         if self.bit_embedding not in ("prefix", "plain"):
             raise ConfigError(f"model.bit_embedding must be 'prefix' or 'plain', got {self.bit_embedding!r}")
+        if self.local_decoder not in ("softmax", "tree"):
+            raise ConfigError(f"model.local_decoder must be 'softmax' or 'tree', got {self.local_decoder!r}")
         if self.patch_bytes < 1:
             raise ConfigError(f"model.patch_bytes must be >= 1, got {self.patch_bytes}")
         if self.reversible and self.use_checkpoint:
@@ -158,6 +161,7 @@ class RunSettings:
     checkpoint_every: int = 100  # steps between Ray Train checkpoints
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker failures to recover from (restart from the last checkpoint)
+    placement_strategy: str = "PACK"  # PACK | SPREAD (one worker per node where possible) | STRICT_*
     storage_path: str = "runs/ray"  # Train results and checkpoints: local dir, NFS path, s3://, gs://
     experiment: str = "bitlm"  # MLflow experiment
     fail_at_step: int | None = None  # fault injection for tests: rank 0 raises once at this step
@@ -167,6 +171,10 @@ class RunSettings:
             raise ConfigError(f"run.strategy must be ddp, fsdp or pipeline, got {self.strategy!r}")
         if self.num_workers < 1:
             raise ConfigError(f"run.num_workers must be >= 1, got {self.num_workers}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(
+                f"run.placement_strategy must be PACK, SPREAD, STRICT_PACK or STRICT_SPREAD, got {self.placement_strategy!r}"
+            )
         if self.checkpoint_every < 1:
             raise ConfigError(f"run.checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
@@ -180,6 +188,71 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunSettings = field(default_factory=RunSettings)
+
+
+@dataclass
+class SchedulerConfig:
+    """The Tune scheduler of a sweep: ``asha`` (early stopping), ``fifo`` (none) or ``scaling``
+    (progressive scaling: grow a trial's model on a plateau, see tune/scaling.py)."""
+
+    type: str = "asha"
+    max_t: int = 1000  # asha: the step budget of a full trial
+    grace_period: int = 10  # asha: steps before a trial may be stopped
+    reduction_factor: float = 2.0
+    patience: int = 2  # scaling: reports without improvement that make a plateau
+    min_delta: float = 0.0
+    strategies: list[str] = field(default_factory=lambda: ["depth", "width", "context"])
+    max_params: int | None = None  # scaling: never grow past this many parameters
+
+    def __post_init__(self) -> None:
+        if self.type not in ("asha", "fifo", "scaling"):
+            raise ConfigError(f"sweep.scheduler.type must be asha, fifo or scaling, got {self.type!r}")
+        bad = [x for x in self.strategies if x not in ("depth", "width", "context")]
+        if bad:
+            raise ConfigError(f"sweep.scheduler.strategies: unknown strategy {bad[0]!r} (depth, width, context)")
+
+
+@dataclass
+class SweepConfig:
+    """A Tune sweep over a base experiment. ``space`` maps dotted config keys to a sampler:
+    ``{type: choice|grid, values: [...]}``, ``{type: uniform|loguniform, low: .., high: ..}``
+    or ``{type: randint, low: .., high: ..}``."""
+
+    name: str = "sweep"
+    base: str = "configs/tiny.yaml"  # the experiment every trial starts from
+    set: list[str] = field(default_factory=list)  # overrides of the base for every trial
+    space: dict[str, Any] = field(default_factory=dict)
+    metric: str = "val_bpb"
+    mode: str = "min"
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    num_samples: int = 4
+    max_concurrent_trials: int = 2
+    cpus_per_trial: float = 0.5  # the trial's driver; its Train workers ask for run.cpus_per_worker each
+    storage_path: str = "runs/tune"
+
+    def __post_init__(self) -> None:
+        for key, spec in self.space.items():
+            if not isinstance(spec, dict) or spec.get("type") not in (
+                "choice",
+                "grid",
+                "uniform",
+                "loguniform",
+                "randint",
+            ):
+                raise ConfigError(f"sweep.space.{key}: needs a type of choice, grid, uniform, loguniform or randint")
+            if spec["type"] in ("choice", "grid") and not isinstance(spec.get("values"), list):
+                raise ConfigError(f"sweep.space.{key}: {spec['type']} needs a list of values")
+            if spec["type"] in ("uniform", "loguniform", "randint") and not {"low", "high"} <= spec.keys():
+                raise ConfigError(f"sweep.space.{key}: {spec['type']} needs low and high")
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"sweep.mode must be min or max, got {self.mode!r}")
+
+
+@dataclass
+class SweepFile:
+    """A sweep YAML: ``sweep:`` (SweepConfig)."""
+
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -313,6 +386,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
     cfg = from_dict(ExperimentConfig, data)
     return apply_overrides(cfg, overrides or [])
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Load a sweep YAML (``sweep:`` section), then apply ``sweep.``-prefixed overrides."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    cfg = from_dict(SweepFile, data)
+    return apply_overrides(cfg, overrides or []).sweep
 
 
 def dump_config(cfg: Any) -> str:

@@ -130,6 +130,33 @@ def configure_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
+def optimizer_param_names(model: nn.Module) -> list[str]:
+    """Parameter names in the order configure_optimizer puts them in its state dict."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [n for n, p in named if p.dim() >= 2 and id(p) not in embeddings]
+    return decay + [n for n, p in named if not (p.dim() >= 2 and id(p) not in embeddings)]
+
+
+def remap_optimizer_state(
+    old_names: list[str], old_state: dict, new_model: nn.Module, optimizer: torch.optim.Optimizer
+) -> int:
+    """Load the state of an optimizer built by configure_optimizer for a model with parameter
+    names ``old_names`` into ``optimizer`` (built the same way for ``new_model``), for every
+    parameter whose name and shape are unchanged; others start fresh. Returns how many were
+    carried over."""
+    new_names = optimizer_param_names(new_model)
+    params = dict(new_model.named_parameters())
+    old_index = {name: i for i, name in enumerate(old_names)}
+    carried = 0
+    for name in new_names:
+        entry = old_state["state"].get(old_index.get(name, -1))
+        if entry is not None and entry["exp_avg"].shape == params[name].shape:
+            optimizer.state[params[name]] = {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+            carried += 1
+    return carried
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None, progress: float | None = None) -> float:
     """Learning rate at optimizer step ``step``: linear warm-up, then constant or cosine
     decay from ``lr`` to ``min_lr`` over ``total_steps``. A time-budgeted run passes
@@ -211,11 +238,12 @@ class Trainer:
     def _loss(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         cfg, B, T = self.cfg, batch.size(0), batch.size(1)
         mask = None
-        compressed = self._draw(compress_probability(self.step, cfg.compress_prob, cfg.compress_warmup))
+        compress_p = compress_probability(self.step, cfg.compress_prob, cfg.compress_warmup)
+        compressed = self._draw(compress_p)
         if compressed:
             batch, mask = compressed_batch(batch)
         direct = self._draw(cfg.direct_prob)
-        stats: dict[str, Any] = {"compressed": float(compressed), "direct": float(direct)}
+        stats: dict[str, Any] = {"compressed": float(compressed), "direct": float(direct), "compress_p": compress_p}
         if cfg.diffusion:
             if direct:
                 data = data_bit_mask(T, batch.device).expand(B, T)
