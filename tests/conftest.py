@@ -32,3 +32,81 @@ def mlflow_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+# -- the Serve application (shared by test_serve.py and test_playground.py) -------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """A small trained byte_patch checkpoint, and a degenerate one that only ever says 0x00."""
+    import torch
+
+    from bitlm import BitTransformerLM, text_to_bits, train_loop
+
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = BitTransformerLM(
+        d_model=32,
+        nhead=4,
+        num_layers=2,
+        dim_feedforward=64,
+        max_seq_len=576,
+        dropout=0.0,
+        arch="byte_patch",
+        patch_bytes=2,
+    )
+    stream = torch.tensor(text_to_bits("The quick brown fox jumps over the lazy dog. " * 40))
+    train_loop(model, torch.stack([stream[9 * i : 9 * i + 576] for i in range(64)]), epochs=4, batch_size=8, lr=3e-3)
+    model.save_pretrained(d / "good")
+    with torch.no_grad():
+        model.io.byte_head.weight.zero_()
+        model.io.byte_head.bias.fill_(-30.0)
+        model.io.byte_head.bias[0] = 30.0
+    model.save_pretrained(d / "degenerate")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, checkpoints):
+    """The Serve app at http://127.0.0.1:<port>/ (model "bitlm"), and a degenerate one at
+    /degenerate (model "degenerate") whose gate blocks it. One per test module, shut down after
+    it: its replicas hold CPUs that other modules' Ray Train and Ray Data work needs."""
+    import time
+    import urllib.request
+
+    from ray import serve
+
+    from serve.app import build
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(
+        build({"checkpoint": str(checkpoints / "good"), "max_prompt_bytes": 256, "max_tokens": 64}),
+        name="bitlm",
+        route_prefix="/",
+    )
+    gate = {"c_floor": 0.5, "s_floor": 0.0, "decay": 0.5, "burn_in": 4, "max_retries": 1}
+    serve.run(
+        build({"checkpoint": str(checkpoints / "degenerate"), "model_name": "degenerate", "gate": gate}),
+        name="degenerate",
+        route_prefix="/degenerate",
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=5)
+            break
+        except OSError:
+            time.sleep(1)
+    yield base
+    serve.shutdown()

@@ -1,0 +1,190 @@
+"""The Serve application over real HTTP: the official openai client, the native route, the
+gate, and every bad input's 4xx. One Serve instance for the module on the shared Ray session."""
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from bitlm import text_to_bits
+
+
+def _post(url: str, body, raw: bool = False):
+    data = body if raw else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_openai_completions_streamed_and_not_give_the_same_text(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["bitlm"]
+    full = client.completions.create(model="bitlm", prompt="The quick", max_tokens=24, temperature=0.9, seed=5)
+    chunks = list(
+        client.completions.create(
+            model="bitlm",
+            prompt="The quick",
+            max_tokens=24,
+            temperature=0.9,
+            seed=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert full.choices[0].text == streamed and len(full.choices[0].text) > 0
+    assert full.usage.prompt_tokens == 9 and full.usage.completion_tokens == 24
+    assert chunks[-1].usage.completion_tokens == 24 and chunks[-1].choices == []
+    assert full.choices[0].finish_reason == "length"
+    extra = full.model_extra["bitlm"]
+    assert extra["gate"]["passed"] and 0 <= extra["telemetry"]["C"] <= 1 and extra["parity"]["ok"]
+
+
+def test_openai_chat_streamed_and_not_give_the_same_text(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "Say something about foxes."}]
+    full = client.chat.completions.create(model="bitlm", messages=messages, max_tokens=20, temperature=0.7, seed=1)
+    chunks = list(
+        client.chat.completions.create(
+            model="bitlm", messages=messages, max_tokens=20, temperature=0.7, seed=1, stream=True
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert full.choices[0].message.content == streamed and full.choices[0].message.role == "assistant"
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_gate_blocks_a_degenerate_output_with_content_filter(server):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server}/degenerate/v1", api_key="unused")
+    full = client.completions.create(model="degenerate", prompt="Hello", max_tokens=48, temperature=0.8, seed=0)
+    assert full.choices[0].finish_reason == "content_filter" and full.choices[0].text == ""
+    gate = full.model_extra["bitlm"]["gate"]
+    assert not gate["passed"] and "C" in gate["failed"] and len(gate["attempts"]) == 2
+    chunks = list(client.completions.create(model="degenerate", prompt="Hello", max_tokens=48, seed=0, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert "\x00" * 8 not in "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_generate_returns_text_bits_telemetry_and_parity(server):
+    status, body = _post(f"{server}/generate", {"text": "The lazy", "max_new_bytes": 12, "seed": 2})
+    assert status == 200
+    assert len(body["bytes"]) == 12 and all(0 <= b[k] <= 1 for b in body["bytes"] for k in "KCS")
+    assert body["parity"]["ok"] and len(body["bits"]) == 12 * 9
+    assert body["gate"]["passed"] and body["text"]
+    status, again = _post(f"{server}/generate", {"bits": text_to_bits("The lazy"), "max_new_bytes": 12, "seed": 2})
+    assert status == 200 and again["text"] == body["text"]
+
+
+@pytest.mark.parametrize(
+    "route,body,status,needle",
+    [
+        ("/v1/completions", {"model": "bitlm", "prompt": "hi", "seed": True}, 400, "seed"),
+        ("/v1/completions", {"model": "bitlm", "prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "bitlm", "prompt": "hi", "temperature": 3}, 400, "temperature"),
+        ("/v1/completions", {"model": "bitlm", "prompt": "hi", "top_p": 0}, 400, "top_p"),
+        ("/v1/completions", {"model": "bitlm", "prompt": "hi", "max_tokens": 65}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "bitlm", "prompt": "x" * 300}, 413, "at most 256"),
+        ("/v1/completions", {"model": "bitlm", "prompt": ""}, 400, "empty"),
+        ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "does not exist"),
+        ("/v1/completions", {"model": "bitlm", "prompt": ["a", "b"]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": "hi"}, 400, "model"),
+        ("/v1/chat/completions", {"model": "bitlm", "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "bitlm", "messages": [{"role": "robot", "content": "hi"}]}, 400, "role"),
+        ("/generate", {"bits": [0, 1, 2]}, 400, "bits"),
+        ("/generate", {"bits": [0] * 8 + [1]}, 400, "parity"),
+        ("/generate", {}, 400, "exactly one"),
+    ],
+)
+def test_bad_input_gets_a_4xx_with_a_message(server, route, body, status, needle):
+    got, payload = _post(server + route, body)
+    assert got == status
+    assert needle in payload["error"]["message"]
+
+
+def test_malformed_json_is_a_400(server):
+    status, payload = _post(f"{server}/v1/completions", b'{"model": "bitlm", "prompt": ', raw=True)
+    assert status == 400 and "malformed JSON" in payload["error"]["message"]
+
+
+def test_health_page_and_openapi(server):
+    health = json.loads(urllib.request.urlopen(f"{server}/health").read())
+    assert health["status"] == "ok" and health["quantization"] == "int8"
+    page = urllib.request.urlopen(f"{server}/").read().decode()
+    assert "<canvas" in page and "/v1/completions" in page and "https://" not in page  # no CDN: works offline
+    spec = json.loads(urllib.request.urlopen(f"{server}/openapi.json").read())
+    responses = spec["paths"]["/v1/completions"]["post"]["responses"]
+    assert {"200", "400", "404", "413"} <= responses.keys()
+
+
+def test_gate_thresholds_change_without_a_restart(server, checkpoints, tmp_path):
+    """`serve deploy` of serve/config.yaml's form with new gate settings reconfigures the
+    running replica (user_config) instead of replacing it."""
+    import os
+    import subprocess
+
+    import ray
+    import yaml
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    config = yaml.safe_load((root / "serve" / "config.yaml").read_text())
+    app = config["applications"][0]
+    app.update(name="reconf", route_prefix="/reconf")
+    app["args"].update(checkpoint=str(checkpoints / "good"), model_name="reconf")
+    dashboard = "http://" + ray._private.worker.global_worker.node.address_info["webui_url"]
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PYTHONPATH": str(root)}
+
+    def deploy(gate: dict) -> None:
+        app["deployments"][0]["user_config"] = {"gate": gate}
+        path = tmp_path / "serve.yaml"
+        path.write_text(yaml.safe_dump({"applications": [app]}))
+        done = subprocess.run(
+            [str(root / ".venv" / "bin" / "serve"), "deploy", str(path), "--address", dashboard],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=root,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def wait_running() -> dict:
+        for _ in range(120):
+            try:
+                return json.loads(urllib.request.urlopen(f"{server}/reconf/health", timeout=5).read())
+            except OSError:
+                time.sleep(1)
+        raise AssertionError("the reconf app never became healthy")
+
+    open_gate = {"c_floor": 0.0, "s_floor": 0.0, "burn_in": 2, "max_retries": 0}
+    try:
+        _reconfigure(deploy, wait_running, server, open_gate)
+    finally:
+        from ray import serve
+
+        serve.delete("reconf")  # its replicas hold CPUs that later tests' Ray Data tasks need
+
+
+def _reconfigure(deploy, wait_running, server, open_gate) -> None:
+    deploy(open_gate)
+    before = wait_running()
+    status, body = _post(f"{server}/reconf/generate", {"text": "The", "max_new_bytes": 24, "seed": 0})
+    assert status == 200 and body["gate"]["passed"]
+    deploy({**open_gate, "c_floor": 1.01})
+    for _ in range(60):  # the new user_config reaches the replica asynchronously
+        status, body = _post(f"{server}/reconf/generate", {"text": "The", "max_new_bytes": 24, "seed": 0})
+        if not body["gate"]["passed"]:
+            break
+        time.sleep(1)
+    assert body["finish_reason"] == "content_filter" and body["gate"]["c_floor"] == 1.01
+    assert wait_running()["pid"] == before["pid"]  # the same replica process, reconfigured
