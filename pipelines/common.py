@@ -48,6 +48,8 @@ def init_ray(num_cpus: int | None = None) -> None:
             num_cpus=num_cpus or max(4, os.cpu_count() or 1),
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            # Tasks and actors that import the entrypoints' modules (Tune trials do) find them.
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
         )
     from ray.data import DataContext
 
@@ -57,6 +59,60 @@ def init_ray(num_cpus: int | None = None) -> None:
 def storage_path(path: str) -> str:
     """Absolute local path (Ray Train needs one) or a URI (s3://, gs://, ...) as given."""
     return path if "://" in path else str(Path(path).resolve())
+
+
+def check_cluster_paths(paths: dict[str, str], mlflow_uri: str | None = None) -> None:
+    """Fail up front, naming the setting, when a run on more than one node is given a path or
+    MLflow store that some node cannot see. On one node everything is visible and this does
+    nothing. A local path must lie outside every node's Ray temp dir (a job's working-dir
+    copy lives there and is private to its node), and a marker file written here must be
+    readable from a task pinned to each other node (what an NFS mount gives; s3:// and gs://
+    URIs are visible by construction). A local SQLite MLflow store is refused: rank 0 may run
+    on another node; use a tracking server (cluster/local starts one on the head)."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return
+    hint = "use a directory every node mounts (NFS) or an s3:// / gs:// URI"
+    if mlflow_uri is not None and mlflow_uri.startswith("sqlite:"):
+        raise SystemExit(
+            f"MLflow store {mlflow_uri} is a file on this node, and this cluster has {len(nodes)} nodes: "
+            "set MLFLOW_TRACKING_URI to a tracking server every node reaches (http://<head>:5000)"
+        )
+    temp_dirs = {Path(n["ObjectStoreSocketName"]).parents[2] for n in nodes if n.get("ObjectStoreSocketName")}
+    here = ray.get_runtime_context().get_node_id()
+
+    @ray.remote(num_cpus=0)
+    def visible(path: str) -> bool:
+        return os.path.exists(path)
+
+    for setting, path in paths.items():
+        if "://" in path:
+            continue
+        resolved = Path(path).resolve()
+        for temp in temp_dirs:
+            if resolved.is_relative_to(temp):
+                raise SystemExit(
+                    f"{setting}={path} resolves to {resolved}, inside Ray's per-node directory {temp} "
+                    f"(a relative path under `ray job submit` lands in the head's copy of the working dir), "
+                    f"which the other nodes do not see: {hint}"
+                )
+        resolved.mkdir(parents=True, exist_ok=True)
+        marker = resolved / f".bitlm-visible-{uuid.uuid4().hex}"
+        marker.touch()
+        try:
+            for n in nodes:
+                if n["NodeID"] == here:
+                    continue
+                pin = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                if not ray.get(visible.options(scheduling_strategy=pin).remote(str(marker)), timeout=120):
+                    raise SystemExit(f"{setting}={path} is not visible from node {n['NodeManagerAddress']}: {hint}")
+        finally:
+            marker.unlink(missing_ok=True)
 
 
 # -- MLflow ----------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from bitlm.config import ExperimentConfig, dump_config, flatten, from_dict, load_config, to_dict  # noqa: E402
 from pipelines.common import (  # noqa: E402
     DataError,
+    check_cluster_paths,
     experiment_id,
     git_commit,
     init_ray,
@@ -72,6 +73,19 @@ class _MlflowLog:
         self.buffer = []
 
 
+def _node_ips(world: int) -> list[str]:
+    """The IP of the node each rank runs on, in rank order (a collective: every rank calls it)."""
+    import ray.util
+    import torch.distributed as dist
+
+    ip = ray.util.get_node_ip_address()
+    if not dist.is_initialized() or world == 1:
+        return [ip]
+    ips: list[str] = [""] * world
+    dist.all_gather_object(ips, ip)
+    return ips
+
+
 def _all_reduce_max(value: float) -> float:
     import torch.distributed as dist
 
@@ -102,10 +116,14 @@ class _Worker:
         self.device = ray.train.torch.get_device()
         self.n_bits = 9 * config["window_bytes"]
         self.strategy = self.cfg.run.strategy
-        self.base = BitTransformerLM(config=self.cfg.model)
         state = self._load_checkpoint()
-        if state is not None:
-            self.base.load_state_dict(state["model"])
+        self.growth: dict[str, Any] | None = None
+        if state is None:
+            self.base = BitTransformerLM(config=self.cfg.model)
+        elif self._saved_model_config(state) != self.cfg.model:
+            self.base = self._grow(state)  # the scaling scheduler changed the config
+        else:
+            self.base = state["model"]
         self.base.to(self.device)
         self.pipe = None
         self.sharded = self.strategy == "fsdp" and dist.is_initialized()
@@ -133,6 +151,7 @@ class _Worker:
         optimizer = configure_optimizer(self.model, tcfg.lr, tcfg.weight_decay)
         self.trainer = Trainer(self.model, tcfg, optimizer, total_steps=config["total_steps"])
         self.epoch, self.batch_in_epoch, self.seconds = 0, 0, 0.0
+        self.restored = state is not None
         if state is not None:
             self._restore(state)
 
@@ -148,14 +167,37 @@ class _Worker:
             return None
         with ckpt.as_directory() as d:
             state = load_training_state(d) or {}
-            state["model"] = load_pretrained(d).state_dict()
+            state["model"] = load_pretrained(d)
             rank_file = Path(d) / f"optimizer_rank{self.rank}.pt"
             if rank_file.exists():
                 state["optimizer"] = torch.load(rank_file, map_location="cpu", weights_only=True)
         return state
 
+    @staticmethod
+    def _saved_model_config(state: dict[str, Any]):
+        # Its own function: "config" beside "torch" and "distributed" in __init__'s names would
+        # make cloudpickle try to pickle the module torch.distributed.config.
+        return state["model"].config
+
+    def _grow(self, state: dict[str, Any]):
+        """Rebuild the checkpointed model at the config's larger size, function-preserving
+        (bitlm.scale.grow_to), and remember what changed for the logs."""
+        from bitlm.scale import grow_to
+        from bitlm.training import optimizer_param_names
+
+        if self.strategy != "ddp":
+            raise ValueError(f"growing a model on restore needs run.strategy=ddp, not {self.strategy}")
+        old = state["model"]
+        grown, strategies = grow_to(old, self.cfg.model, generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        self.growth = {"old_model": old, "old_names": optimizer_param_names(old), "strategies": strategies}
+        return grown
+
     def _restore(self, state: dict[str, Any]) -> None:
-        if self.sharded:
+        if self.growth is not None:
+            from bitlm.training import remap_optimizer_state
+
+            remap_optimizer_state(self.growth["old_names"], state["optimizer"], self.base, self.trainer.optimizer)
+        elif self.sharded:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             set_optimizer_state_dict(
@@ -290,6 +332,30 @@ def _batches(shard, batch_size: int, n_bits: int, per_read: int = 64):
             yield bits[j : j + batch_size]
 
 
+def _log_growth(w: _Worker, val: torch.Tensor | None, log: _MlflowLog | None) -> dict[str, float]:
+    """Validation bpb just before and just after a growth (equal: growth preserves the
+    function), as metrics and a tag of the MLflow run. Returns the after-growth evaluation."""
+    from bitlm import evaluate
+
+    after = w.evaluate(val)
+    if w.rank != 0:
+        return after
+    before = evaluate(w.growth["old_model"], val, batch_size=32, max_batches=w.cfg.train.eval_batches)
+    step = w.trainer.step
+    if log is not None:
+        log.log(
+            {
+                "growth_val_bpb_before": before["val_bpb"],
+                "growth_val_bpb_after": after["val_bpb"],
+                "model_params": w.base.num_parameters(),
+            },
+            step,
+        )
+        log.flush()
+        log.client.set_tag(log.run_id, f"growth_step_{step}", "+".join(w.growth["strategies"]))
+    return after
+
+
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train's per-worker function (also run by Tune trials)."""
     import ray.train
@@ -297,6 +363,15 @@ def train_func(config: dict[str, Any]) -> None:
     w = _Worker(config)
     cfg = w.cfg
     log = _MlflowLog(config["mlflow"]["uri"], config["mlflow"]["run_id"]) if w.rank == 0 else None
+    ips = _node_ips(w.world)
+    if log is not None:
+        print(f"workers on nodes {ips} (rank order)", flush=True)
+        log.client.set_tag(log.run_id, "worker_node_ips", ",".join(ips))
+        # One per worker group start: a fresh start, a --resume, or a restart after a failure.
+        log.log({"worker_group_start_step": w.trainer.step}, w.trainer.step)
+        log.flush()
+        if w.restored:
+            print(f"restored from the checkpoint at step {w.trainer.step}", flush=True)
     val = None
     if w.rank == 0:
         val_rows = [
@@ -311,6 +386,9 @@ def train_func(config: dict[str, Any]) -> None:
     fail_marker = Path(config["run_dir"]) / ".injected_failure" if cfg.run.fail_at_step else None
     done = w.trainer.step >= total
     last_eval: dict[str, float] = {}
+    evaluated = False
+    if w.growth is not None:
+        last_eval, evaluated = _log_growth(w, val, log), True
     t_last, bits_since = time.perf_counter(), 0
     while not done and w.epoch < cfg.train.epochs:
         for i, bits in enumerate(_batches(shard, cfg.train.batch_size, w.n_bits)):
@@ -325,17 +403,22 @@ def train_func(config: dict[str, Any]) -> None:
             w.seconds = _all_reduce_max(w.seconds + time.perf_counter() - t0)  # every rank agrees
             bits_since += bits.numel() * (w.world if w.pipe is None else 1)
             done = step >= total or (cfg.train.max_seconds is not None and w.seconds >= cfg.train.max_seconds)
-            metrics = {k: record[k] for k in ("loss", "bpb", "parity_bpb", "K", "C", "S", "lr") if k in record}
+            keys = ("loss", "bpb", "parity_bpb", "K", "C", "S", "lr", "noise_scale", "compress_p", "seq_bits")
+            metrics = {k: record[k] for k in keys if k in record}
+            metrics["model_params"] = w.base.num_parameters()
             if step % cfg.train.log_every == 0 or done:
                 now = time.perf_counter()
                 metrics["throughput_bits_per_s"] = bits_since / (now - t_last)
                 t_last, bits_since = now, 0
-            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done):
+            reporting = step % cfg.run.checkpoint_every == 0 or step % cfg.train.log_every == 0 or done
+            fresh = False
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or done or (reporting and not evaluated):
                 last_eval = w.evaluate(val)
-                metrics.update(last_eval)
+                evaluated = fresh = True  # on every rank alike: evaluation is collective under fsdp/pipeline
             metrics.update(step=step, epoch=w.epoch, seconds=w.seconds)
-            if log is not None:
-                log.log({k: v for k, v in metrics.items() if k not in ("step",)}, step)
+            if log is not None:  # MLflow gets validation metrics at the steps they were measured
+                log.log({k: v for k, v in {**metrics, **(last_eval if fresh else {})}.items() if k != "step"}, step)
+            metrics.update(last_eval)  # every Ray report carries them (Tune's schedulers rank by them)
             if step % cfg.run.checkpoint_every == 0 or done:
                 if log is not None:
                     log.flush()
@@ -409,16 +492,9 @@ def plot_history(client, run_id: str, out: Path) -> Path | None:
     return out
 
 
-def run(
-    cfg: ExperimentConfig, data_dir: str | None = None, name: str | None = None, resume: bool = False
-) -> dict[str, Any]:
-    """Train ``cfg`` on Ray; return {run_id, name, checkpoint, metrics}."""
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    init_ray()
-    data_dir = data_dir or cfg.data.output_dir
+def ensure_data(cfg: ExperimentConfig, data_dir: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The prepared data directory and its manifest, preparing it first if it holds none."""
+    data_dir = str(Path(data_dir or cfg.data.output_dir).resolve())
     try:
         manifest = read_manifest(data_dir)
     except DataError:
@@ -426,81 +502,162 @@ def run(
 
         print(f"no prepared data in {data_dir}: preparing it now")
         manifest = prepare(cfg.data, output_dir=data_dir)
-    if manifest["window_bytes"] * 9 > cfg.model.max_seq_len and cfg.model.arch == "bit":
+    if manifest["window_bytes"] * 9 > cfg.model.max_seq_len:
         raise SystemExit(
             f"windows of {manifest['window_bytes']} bytes need model.max_seq_len >= {9 * manifest['window_bytes']}"
         )
-    client = mlflow_client()
-    exp_id = experiment_id(client, cfg.run.experiment)
-    if resume:
-        mlrun = _find_run(client, exp_id, name, cfg.name)
-        name, run_id = mlrun.data.tags["ray_run_name"], mlrun.info.run_id
-        client.update_run(run_id, status="RUNNING")
-        print(f"resuming Ray Train run {name} in MLflow run {run_id}")
-    else:
-        name = name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        tags = {
-            "ray_run_name": name,
-            "config_name": cfg.name,
-            "strategy": cfg.run.strategy,
-            "world_size": str(cfg.run.num_workers),
-            "git_commit": git_commit(),
-            "data_dir": str(Path(data_dir).resolve()),
-        }
-        run_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
-        params = flatten(cfg)
-        from mlflow.entities import Param
+    return data_dir, manifest
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 90):
-            client.log_batch(run_id, params=items[i : i + 90])
-        with tempfile.TemporaryDirectory() as d:
-            Path(d, "manifest.json").write_text(json.dumps(manifest, indent=2))
-            Path(d, "config.yaml").write_text(dump_config(cfg))
-            client.log_artifact(run_id, str(Path(d, "manifest.json")), "data")
-            client.log_artifact(run_id, str(Path(d, "config.yaml")))
+
+def open_mlflow_run(
+    client,
+    cfg: ExperimentConfig,
+    name: str,
+    data_dir: str,
+    manifest: dict[str, Any],
+    tags: dict[str, str] | None = None,
+) -> str:
+    """A new MLflow run for a training: tags, every config param, the data manifest."""
+    from mlflow.entities import Param
+
+    exp_id = experiment_id(client, cfg.run.experiment)
+    all_tags = {
+        "ray_run_name": name,
+        "config_name": cfg.name,
+        "strategy": cfg.run.strategy,
+        "world_size": str(cfg.run.num_workers),
+        "git_commit": git_commit(),
+        "data_dir": data_dir,
+        **(tags or {}),
+    }
+    run_id = client.create_run(exp_id, run_name=name, tags=all_tags).info.run_id
+    items = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
+    for i in range(0, len(items), 90):
+        client.log_batch(run_id, params=items[i : i + 90])
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, "manifest.json").write_text(json.dumps(manifest, indent=2))
+        Path(d, "config.yaml").write_text(dump_config(cfg))
+        client.log_artifact(run_id, str(Path(d, "manifest.json")), "data")
+        client.log_artifact(run_id, str(Path(d, "config.yaml")))
+    return run_id
+
+
+def local_run_dir(cfg: ExperimentConfig, name: str) -> Path:
+    """A local directory of the run: in the storage path when it is local, else in /tmp."""
     storage = storage_path(cfg.run.storage_path)
     run_dir = Path(storage) / name if "://" not in storage else Path(tempfile.gettempdir()) / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    steps = total_steps(cfg, manifest)
-    trainer = TorchTrainer(
+    return run_dir
+
+
+def make_trainer(
+    cfg: ExperimentConfig,
+    data_dir: str,
+    manifest: dict[str, Any],
+    name: str,
+    run_id: str,
+    callbacks: list | None = None,
+    keep_best: bool = False,
+):
+    """The TorchTrainer of one training run (also what each Tune trial runs). ``keep_best``
+    ranks kept checkpoints by validation bits/byte; otherwise the latest are kept."""
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = storage_path(cfg.run.storage_path)
+    run_dir = local_run_dir(cfg, name)
+    return TorchTrainer(
         train_func,
         train_loop_config={
             "experiment": to_dict(cfg),
             "mlflow": {"uri": tracking_uri(), "run_id": run_id},
             "window_bytes": manifest["window_bytes"],
-            "total_steps": steps,
+            "total_steps": total_steps(cfg, manifest),
             "run_dir": str(run_dir),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers,
             use_gpu=cfg.run.use_gpu,
             resources_per_worker={"CPU": cfg.run.cpus_per_worker},
+            placement_strategy=cfg.run.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.run.keep_checkpoints,
+                checkpoint_score_attribute="val_bpb" if keep_best else None,
+                checkpoint_score_order="min",
+            ),
+            callbacks=callbacks,
         ),
         datasets={split: _quiet(ray.data.read_parquet(shard_paths(data_dir, split))) for split in ("train", "val")},
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
+
+
+def log_checkpoint(client, run_id: str, checkpoint, directory: Path) -> Path:
+    """Copy a Ray Train checkpoint's model files to ``directory`` and log them to the run."""
+    with checkpoint.as_directory() as d:
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+        for f in ("config.json", "model.safetensors"):
+            shutil.copy(Path(d) / f, directory / f)
+    client.log_artifacts(run_id, str(directory), "checkpoint")
+    return directory
+
+
+def run(
+    cfg: ExperimentConfig, data_dir: str | None = None, name: str | None = None, resume: bool = False
+) -> dict[str, Any]:
+    """Train ``cfg`` on Ray; return {run_id, name, checkpoint, metrics}."""
+    init_ray()
+    check_cluster_paths(
+        {"run.storage_path": cfg.run.storage_path, "data.output_dir": data_dir or cfg.data.output_dir},
+        tracking_uri(),
+    )
+    data_dir, manifest = ensure_data(cfg, data_dir)
+    client = mlflow_client()
+    if resume:
+        mlrun = _find_run(client, experiment_id(client, cfg.run.experiment), name, cfg.name)
+        name, run_id = mlrun.data.tags["ray_run_name"], mlrun.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        print(f"resuming Ray Train run {name} in MLflow run {run_id}")
+    else:
+        name = name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_id = open_mlflow_run(client, cfg, name, data_dir, manifest)
+    trainer = make_trainer(cfg, data_dir, manifest, name, run_id)
+    started_ms = int(time.time() * 1000)
+
+    def failures() -> int:
+        """Worker group restarts after failures in this fit: its worker group starts but the first."""
+        history = client.get_metric_history(run_id, "worker_group_start_step")
+        return max(0, len([m for m in history if m.timestamp >= started_ms]) - 1)
+
     try:
         result = trainer.fit()
-    except Exception:
+    except Exception as e:
         client.set_terminated(run_id, status="FAILED")
+        print(
+            f"training failed after {failures()} recovered worker group failure(s) "
+            f"(run.max_failures={cfg.run.max_failures}): {type(e).__name__}: {e}",
+            flush=True,
+        )
         raise
+    recovered = failures()
+    client.set_tag(run_id, "worker_group_failures", str(recovered))
+    if recovered:
+        print(
+            f"recovered from {recovered} worker group failure(s) (run.max_failures={cfg.run.max_failures}): "
+            "each restart resumed from the latest checkpoint there was",
+            flush=True,
+        )
     out: dict[str, Any] = {"run_id": run_id, "name": name, "metrics": dict(result.metrics or {})}
     if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            final = run_dir / "final_checkpoint"
-            shutil.rmtree(final, ignore_errors=True)
-            final.mkdir(parents=True)
-            for f in ("config.json", "model.safetensors"):
-                shutil.copy(Path(d) / f, final / f)
-        client.log_artifacts(run_id, str(final), "checkpoint")
-        out["checkpoint"] = str(final)
+        final = local_run_dir(cfg, name) / "final_checkpoint"
+        out["checkpoint"] = str(log_checkpoint(client, run_id, result.checkpoint, final))
     with tempfile.TemporaryDirectory() as d:
         png = plot_history(client, run_id, Path(d) / "training_curves.png")
         client.log_artifact(run_id, str(png), "plots")

@@ -80,6 +80,9 @@ def test_ray_job_submit_trains_and_logs(tmp_path):
             "--block",
             f"--port={port}",
             f"--dashboard-port={dashboard}",
+            # Its own agent port: the test session's Ray already listens on the default 52365,
+            # and a head whose agent cannot bind answers every submit "No available agent".
+            f"--dashboard-agent-listen-port={_port()}",
             "--dashboard-host=127.0.0.1",
             f"--temp-dir={temp_dir}",
             "--num-cpus=4",

@@ -43,7 +43,7 @@ from bitlm.config import (  # noqa: E402
     load_sweep,
     to_dict,
 )
-from pipelines.common import (
+from pipelines.common import (  # noqa: E402
     check_cluster_paths,
     experiment_id,
     init_ray,
@@ -51,7 +51,7 @@ from pipelines.common import (
     read_manifest,
     storage_path,
     tracking_uri,
-)  # noqa: E402
+)
 
 # Functions, not the module: the trial function is pickled by value, and a module object
 # would drag the whole of pipelines.train (and torch's config modules) along.
