@@ -39,6 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # No "from __future__ import annotations" here: it breaks FastAPI's handling of the routes'
 # request models under @serve.ingress (bodies become query parameters).
@@ -348,6 +349,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error(
         400, f"{loc or 'body'}: {first.get('msg', 'invalid value')}", param=loc or None, code=first.get("type")
     )
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own errors (an unparseable body, an unknown route) in the API's error shape."""
+    return _error(exc.status_code, str(exc.detail))
 
 
 @app.exception_handler(APIError)
