@@ -109,6 +109,7 @@ class TrainConfig:
     scale_min_delta: float = 0.0
     scale_strategies: list[str] = field(default_factory=lambda: ["depth", "width", "context"])
     scale_max_params: int | None = None
+    growth_warmup_steps: int = 10  # after any growth, the lr ramps up again over this many steps
 
     def __post_init__(self) -> None:
         if self.lr_schedule not in ("cosine", "constant"):

@@ -210,6 +210,8 @@ class _Worker:
             self.trainer.optimizer.load_state_dict(state["optimizer"])
         self.trainer.step = int(state["step"])
         self.trainer.rng.set_state(state["rng"])
+        # A grown model re-warms its learning rate from here (bitlm.training.lr_at).
+        self.trainer.grown_at = self.trainer.step if self.growth is not None else state.get("grown_at")
         self.epoch, self.batch_in_epoch, self.seconds = (
             int(state["epoch"]),
             int(state["batch_in_epoch"]),
@@ -274,6 +276,7 @@ class _Worker:
                     "batch_in_epoch": self.batch_in_epoch,
                     "seconds": self.seconds,
                     "rng": self.trainer.rng.get_state(),
+                    "grown_at": self.trainer.grown_at,
                     "strategy": self.strategy,
                     "world_size": self.world,
                 }
@@ -287,13 +290,9 @@ class _Worker:
     # -- training ------------------------------------------------------------------------------
 
     def train_step(self, bits: torch.Tensor, progress: float | None) -> dict[str, float]:
-        from bitlm.training import lr_at
-
         if self.pipe is None:
             return self.trainer.train_step([bits], progress)
-        lr = lr_at(self.trainer.step, self.cfg.train, self.trainer.total_steps, progress)
-        for group in self.trainer.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self.trainer.set_lr(progress)
         self.pipe.train_step(bits)
         if self.cfg.train.grad_clip:
             # Clip by the global norm over all stages, as the unsplit model would.

@@ -93,6 +93,41 @@ def test_train_loop_grows_on_plateau_and_records_it():
     assert h.steps[-1]["params"] == h.model.num_parameters()
 
 
+def test_train_loop_rewarms_the_learning_rate_after_a_growth():
+    torch.manual_seed(0)
+    data = _windows()
+    kw = dict(epochs=4, batch_size=8, lr=3e-3, val_data=data[:8], eval_every=4, scale_patience=1)
+    h = train_loop(BitTransformerLM(**TINY), data, **kw, scale_min_delta=10.0, growth_warmup_steps=4)
+    grown_at = h.expansions[0]["step"]
+    lrs = [r["lr"] for r in h.steps if grown_at <= r["step"] - 1 < grown_at + 5]
+    assert lrs == pytest.approx([7.5e-4, 1.5e-3, 2.25e-3, 3e-3, 3e-3])
+
+
+def test_rewarming_keeps_a_width_growth_from_undoing_training():
+    """Widened weights start with fresh Adam moments; at the full rate their first updates
+    (about lr per weight) throw the model far from where it was. The re-warm avoids that."""
+    data = _windows()
+
+    def worst_after_growth(growth_warmup_steps: int) -> float:
+        torch.manual_seed(0)
+        cfg = TrainConfig(lr=5e-3, growth_warmup_steps=growth_warmup_steps)
+        model = BitTransformerLM(**{**TINY, "num_layers": 1})
+        t = Trainer(model, cfg)
+        for i in range(24):
+            t.train_step([data[(i % 4) * 8 : (i % 4 + 1) * 8]])
+        grown = expand_model(model, "width", generator=torch.Generator().manual_seed(0))
+        step = t.step
+        t = Trainer(grown, cfg, expand_optimizer(t.optimizer, model, grown))
+        t.step = t.grown_at = step
+        losses = []
+        for i in range(8):
+            t.train_step([data[(i % 4) * 8 : (i % 4 + 1) * 8]])
+            losses.append(t.evaluate(data)["val_loss"])
+        return max(losses)
+
+    assert worst_after_growth(8) < worst_after_growth(0)
+
+
 def test_size_cap_stops_growth():
     data = _windows()
     model = BitTransformerLM(**TINY)

@@ -70,6 +70,14 @@ def test_lr_schedule_warmup_and_cosine():
     assert lr_at(110, cfg, 110) == pytest.approx(0.1)
 
 
+def test_lr_rewarms_after_a_growth():
+    cfg = TrainConfig(lr=1.0, growth_warmup_steps=4)
+    assert [lr_at(s, cfg, None, grown_at=20) for s in range(20, 26)] == pytest.approx([0.25, 0.5, 0.75, 1, 1, 1])
+    assert lr_at(20, TrainConfig(lr=1.0, growth_warmup_steps=0), None, grown_at=20) == 1.0
+    cos = TrainConfig(lr=1.0, min_lr=0.0, lr_schedule="cosine", growth_warmup_steps=2)
+    assert lr_at(50, cos, 100, grown_at=50) == pytest.approx(0.5 * lr_at(50, cos, 100))  # ramps the schedule's rate
+
+
 def test_accumulation_matches_one_big_batch():
     torch.manual_seed(0)
     data = _learnable_windows(16)
