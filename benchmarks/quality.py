@@ -221,18 +221,25 @@ def main(argv: list[str] | None = None) -> dict:
         "--local-decoder", default="softmax", choices=["softmax", "tree"], help="byte_patch's local decoder"
     )
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--d-model",
+        type=int,
+        default=SETUP["d_model"],
+        help="width of every model (feed-forward 4x); for MFU at d>=256",
+    )
     args = ap.parse_args(argv)
+    setup = {**SETUP, "d_model": args.d_model, "dim_feedforward": 4 * args.d_model}
     torch.set_num_threads(args.threads)
     peak = matmul_peak_flops(args.threads)
     train_b, val_b = builtin_split()
     train = np.frombuffer(train_b, dtype=np.uint8)
     val_arr = np.frombuffer(val_b, dtype=np.uint8)
-    W = SETUP["window"]
+    W = setup["window"]
     val = val_arr[: len(val_arr) // W * W].reshape(-1, W)
     results = []
     for kind in args.models.split(","):
         extra = {"patch_bytes": args.patch_bytes, "local_decoder": args.local_decoder} if kind == "byte_patch" else None
-        r = train_one(kind, SETUP, args.minutes * 60, train, val, extra=extra)
+        r = train_one(kind, setup, args.minutes * 60, train, val, extra=extra)
         r["mfu"] = r["achieved_flops_per_s"] / peak
         r["label"] = kind if kind != "byte_patch" else f"byte_patch (P={args.patch_bytes}, {args.local_decoder})"
         results.append(r)
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     scored = val[:, 1:].tobytes()
     result = {
-        "setup": {**SETUP, "minutes_per_model": args.minutes, "threads": args.threads},
+        "setup": {**setup, "minutes_per_model": args.minutes, "threads": args.threads},
         "matmul_peak_flops_per_s": peak,
         "models": results,
         "compressors": compressor_bpb(scored, train_b),
