@@ -11,8 +11,9 @@ other extension), JSON Lines (``.jsonl``/``.ndjson``/``.json``: one document per
 
 Every document becomes windows of ``data.window_bytes`` whole bytes (9 bits each: 8 data bits
 + parity), cut every ``data.stride_bytes``. Documents go to train or validation by a hash of
-their source and record number with ``data.seed``, so the split is deterministic and never
-cuts a document. Shards are parquet files with one row per window: ``bits`` (the window's
+their content with ``data.seed``, so the split is deterministic, never cuts a document, does
+not depend on where the corpus lies (the same files split the same way on every machine), and
+puts copies of one text in the same split. Shards are parquet files with one row per window: ``bits`` (the window's
 9 * window_bytes bits, packed 8 per byte), ``doc_id`` and ``offset`` (the window's first byte
 in its document), so any window decodes back to its text. ``documents.parquet`` lists every
 document (id, source, record, bytes, split, windows).
@@ -158,8 +159,9 @@ def doc_id(source: str, record: int) -> int:
     return int.from_bytes(h, "big") >> 1
 
 
-def split_of(source: str, record: int, seed: int, val_fraction: float) -> str:
-    h = hashlib.blake2b(f"{seed}:{source}#{record}".encode(), digest_size=8).digest()
+def split_of(raw: bytes, seed: int, val_fraction: float) -> str:
+    """train or val for a document, from a hash of its content and the seed."""
+    h = hashlib.blake2b(raw, digest_size=8, key=str(seed).encode()).digest()
     return "val" if int.from_bytes(h, "big") / 2**64 < val_fraction else "train"
 
 
@@ -179,7 +181,7 @@ def _windows(
         parts["bits"].append(np.packbits(bits, axis=1))
         parts["doc_id"].append(np.full(len(starts), doc_id(str(source), int(record)), dtype=np.int64))
         parts["offset"].append(starts.astype(np.int64))
-        parts["split"].append(np.full(len(starts), split_of(str(source), int(record), seed, val_fraction)))
+        parts["split"].append(np.full(len(starts), split_of(bytes(raw), seed, val_fraction)))
     if not parts["bits"]:
         return {
             "bits": np.zeros((0, nbytes), np.uint8),
@@ -281,14 +283,26 @@ def prepare(cfg: DataConfig, inputs: list[str] | None = None, output_dir: str | 
     if docs is not None:
         docs = docs.materialize()
         meta = docs.select_columns(["source", "record", "reason", "detail"]).take_all()
+        seed, frac = cfg.seed, cfg.val_fraction
         sizes = docs.map_batches(
-            lambda b: {"n": np.array([len(bytes(r)) for r in b["raw"]], np.int64)}, batch_format="numpy"
+            lambda b: {
+                "n": np.array([len(bytes(r)) for r in b["raw"]], np.int64),
+                "split": np.array([split_of(bytes(r), seed, frac) for r in b["raw"]]),
+            },
+            batch_format="numpy",
         )
         for row, size in zip(meta, sizes.take_all()):
             if row["reason"]:
                 rejects.append({k: row[k] for k in ("reason", "source", "record", "detail")})
             else:
-                doc_rows.append({"source": row["source"], "record": int(row["record"]), "bytes": int(size["n"])})
+                doc_rows.append(
+                    {
+                        "source": row["source"],
+                        "record": int(row["record"]),
+                        "bytes": int(size["n"]),
+                        "split": str(size["split"]),
+                    }
+                )
     stride = cfg.stride_bytes or cfg.window_bytes
     short = [d for d in doc_rows if d["bytes"] < cfg.window_bytes]
     for d in short:
@@ -320,7 +334,6 @@ def prepare(cfg: DataConfig, inputs: list[str] | None = None, output_dir: str | 
         manifest_shards += write_shards(part, out_dir, split, cfg.shard_rows)
     for d in usable:
         d["doc_id"] = doc_id(d["source"], d["record"])
-        d["split"] = split_of(d["source"], d["record"], cfg.seed, cfg.val_fraction)
         d["windows"] = max(0, (d["bytes"] - cfg.window_bytes) // stride + 1)
     for split in ("train", "val"):
         ds = [d for d in usable if d["split"] == split]

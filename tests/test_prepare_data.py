@@ -113,6 +113,16 @@ def test_split_is_deterministic_by_seed(ray_session, corpus, tmp_path):
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
 
+def test_split_does_not_depend_on_where_the_corpus_lies(ray_session, corpus, tmp_path):
+    import shutil
+
+    cfg = DataConfig(window_bytes=32, val_fraction=0.3, seed=3)
+    moved = shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus")
+    a = prepare(cfg, [str(corpus)], str(tmp_path / "a"))
+    b = prepare(cfg, [str(moved)], str(tmp_path / "b"))
+    assert a["splits"] == b["splits"] and a["splits"]["val"]["documents"] > 0  # same documents, by content
+
+
 def test_nothing_usable_is_a_clear_error(ray_session, corpus, tmp_path):
     with pytest.raises(DataError, match="nothing usable.*binary_file"):
         prepare(DataConfig(window_bytes=32), [str(corpus / "binary.dat"), str(corpus / "empty.txt")], str(tmp_path))
