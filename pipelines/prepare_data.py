@@ -13,9 +13,9 @@ Every document becomes windows of ``data.window_bytes`` whole bytes (9 bits each
 + parity), cut every ``data.stride_bytes``. Documents go to train or validation by a hash of
 their content with ``data.seed``, so the split is deterministic, never cuts a document, does
 not depend on where the corpus lies (the same files split the same way on every machine), and
-puts copies of one text in the same split. Shards are parquet files with one row per window: ``bits`` (the window's
-9 * window_bytes bits, packed 8 per byte), ``doc_id`` and ``offset`` (the window's first byte
-in its document), so any window decodes back to its text. ``documents.parquet`` lists every
+puts copies of one text in the same split. Shards are parquet files with one row per window:
+``bits`` (the window's 9 * window_bytes bits, packed 8 per byte), ``doc_id`` and ``offset``
+(the window's first byte in its document), so any window decodes back to its text. ``documents.parquet`` lists every
 document (id, source, record, bytes, split, windows).
 
 Bad records never stop the run and are never dropped silently: invalid UTF-8, empty
@@ -165,14 +165,12 @@ def split_of(raw: bytes, seed: int, val_fraction: float) -> str:
     return "val" if int.from_bytes(h, "big") / 2**64 < val_fraction else "train"
 
 
-def _windows(
-    batch: dict[str, np.ndarray], window: int, stride: int, seed: int, val_fraction: float
-) -> dict[str, np.ndarray]:
+def _windows(batch: dict[str, np.ndarray], window: int, stride: int) -> dict[str, np.ndarray]:
     """Cut each document into parity-encoded windows, packed 8 bits a byte (vectorized per
     document). Columns are plain numpy arrays, so blocks move through Arrow without pickling."""
     nbytes = -(-9 * window // 8)
     parts: dict[str, list[np.ndarray]] = {"bits": [], "doc_id": [], "offset": [], "split": []}
-    for source, record, raw in zip(batch["source"], batch["record"], batch["raw"]):
+    for source, record, raw, split in zip(batch["source"], batch["record"], batch["raw"], batch["split"]):
         data = np.frombuffer(bytes(raw), dtype=np.uint8)
         if data.size < window:
             continue
@@ -181,7 +179,7 @@ def _windows(
         parts["bits"].append(np.packbits(bits, axis=1))
         parts["doc_id"].append(np.full(len(starts), doc_id(str(source), int(record)), dtype=np.int64))
         parts["offset"].append(starts.astype(np.int64))
-        parts["split"].append(np.full(len(starts), split_of(bytes(raw), seed, val_fraction)))
+        parts["split"].append(np.full(len(starts), split))
     if not parts["bits"]:
         return {
             "bits": np.zeros((0, nbytes), np.uint8),
@@ -281,17 +279,16 @@ def prepare(cfg: DataConfig, inputs: list[str] | None = None, output_dir: str | 
     rejects += file_rejects
     doc_rows = []
     if docs is not None:
-        docs = docs.materialize()
-        meta = docs.select_columns(["source", "record", "reason", "detail"]).take_all()
         seed, frac = cfg.seed, cfg.val_fraction
-        sizes = docs.map_batches(
+        docs = docs.map_batches(
             lambda b: {
+                **b,
                 "n": np.array([len(bytes(r)) for r in b["raw"]], np.int64),
                 "split": np.array([split_of(bytes(r), seed, frac) for r in b["raw"]]),
             },
             batch_format="numpy",
-        )
-        for row, size in zip(meta, sizes.take_all()):
+        ).materialize()
+        for row in docs.select_columns(["source", "record", "reason", "detail", "n", "split"]).take_all():
             if row["reason"]:
                 rejects.append({k: row[k] for k in ("reason", "source", "record", "detail")})
             else:
@@ -299,8 +296,8 @@ def prepare(cfg: DataConfig, inputs: list[str] | None = None, output_dir: str | 
                     {
                         "source": row["source"],
                         "record": int(row["record"]),
-                        "bytes": int(size["n"]),
-                        "split": str(size["split"]),
+                        "bytes": int(row["n"]),
+                        "split": row["split"],
                     }
                 )
     stride = cfg.stride_bytes or cfg.window_bytes
@@ -323,7 +320,7 @@ def prepare(cfg: DataConfig, inputs: list[str] | None = None, output_dir: str | 
     windows = valid.map_batches(
         _windows,
         batch_format="numpy",
-        fn_kwargs={"window": cfg.window_bytes, "stride": stride, "seed": cfg.seed, "val_fraction": cfg.val_fraction},
+        fn_kwargs={"window": cfg.window_bytes, "stride": stride},
     ).materialize()
     manifest_shards = []
     counts: dict[str, dict[str, int]] = {}

@@ -5,20 +5,21 @@
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 need_root
+# signal_and_wait NS SIGNAL INTERVAL: signal every process in NS, then wait up to 20 intervals
+# for them to exit.
+signal_and_wait() {
+  local pids
+  pids=$(ip netns pids "$1" || true)
+  [ -n "$pids" ] && kill "-$2" $pids 2>/dev/null || true
+  for _ in $(seq 20); do
+    [ -z "$(ip netns pids "$1" || true)" ] && return
+    sleep "$3"
+  done
+}
 for ns in "$NS_WORKER" "$NS_HEAD"; do
   ip netns list | grep -qw "$ns" || continue
-  pids=$(ip netns pids "$ns" || true)
-  [ -n "$pids" ] && kill -TERM $pids 2>/dev/null || true
-  for _ in $(seq 20); do
-    [ -z "$(ip netns pids "$ns" || true)" ] && break
-    sleep 0.5
-  done
-  pids=$(ip netns pids "$ns" || true)
-  [ -n "$pids" ] && kill -KILL $pids 2>/dev/null || true
-  for _ in $(seq 20); do
-    [ -z "$(ip netns pids "$ns" || true)" ] && break
-    sleep 0.25
-  done
+  signal_and_wait "$ns" TERM 0.5
+  signal_and_wait "$ns" KILL 0.25
   ip netns del "$ns"
   echo "removed $ns"
 done
