@@ -50,10 +50,6 @@ class ByteGPT(nn.Module):
             cache.length += x.size(1)
         return self.head(self.ln_f(h))
 
-    def loss(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self(x[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1))
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -69,3 +65,17 @@ class ByteGPT(nn.Module):
             out.append(nxt)
             logits = self(nxt, cache)[:, -1]
         return torch.cat(out, 1)
+
+
+def byte_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in nats of each next byte (B, T) under 256-way logits (B, T, 256)."""
+    nll = F.cross_entropy(logits.reshape(-1, 256).float(), targets.reshape(-1), reduction="none")
+    return nll.view(targets.shape)
+
+
+class ByteObjective:
+    """The yardstick's own objective for ``bitlm.Trainer``: 256-way next-byte cross-entropy."""
+
+    def __call__(self, forward, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        loss = byte_nll(forward(batch[:, :-1]), batch[:, 1:]).mean()
+        return loss, {"loss": loss.item()}

@@ -38,8 +38,7 @@ def measure(mode: str, depth: int) -> dict:
     """Run in the child process: one warm-up step, then a measured step."""
     import torch
 
-    from bitlm import BitTransformerLM, TrainConfig
-    from bitlm.training import Trainer
+    from bitlm import BitTransformerLM, TrainConfig, Trainer
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

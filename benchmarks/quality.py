@@ -32,11 +32,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from byte_gpt import ByteGPT  # noqa: E402
+from byte_gpt import ByteGPT, ByteObjective, byte_nll  # noqa: E402
 
-from bitlm import BitTransformerLM, builtin_split, bytes_to_bits  # noqa: E402
+from bitlm import BitTransformerLM, TrainConfig, Trainer, builtin_split, bytes_to_bits  # noqa: E402
 from bitlm.generate import generate_bits  # noqa: E402
-from bitlm.training import bit_nll, configure_optimizer  # noqa: E402
+from bitlm.objectives import nll_sums  # noqa: E402
 from pipelines.evaluate import compressor_bpb  # noqa: E402
 
 LN2 = math.log(2)
@@ -99,15 +99,12 @@ def score(kind: str, model, windows: np.ndarray) -> dict[str, float]:
         for i in range(0, len(windows), 32):
             x = torch.from_numpy(windows[i : i + 32]).long()
             if kind == "byte_gpt":
-                logits = model(x[:, :-1])
-                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), x[:, 1:].reshape(-1), reduction="sum")
-                data_bits += float(nll) / LN2
+                data_bits += float(byte_nll(model(x[:, :-1]), x[:, 1:]).sum()) / LN2
             else:
                 bits = torch.from_numpy(bytes_to_bits(windows[i : i + 32])).long()
-                nll = bit_nll(model(bits)[0], bits)  # (B, T-1), entry t is bit t+1
-                p = torch.arange(1, bits.size(1))
-                data_bits += float(nll[:, (p >= 9) & (p % 9 < 8)].sum())
-                parity_bits += float(nll[:, (p >= 9) & (p % 9 == 8)].sum())
+                sums = nll_sums(model(bits, telemetry=False)[0], bits, from_byte=1)
+                data_bits += sums["data_bits"]
+                parity_bits += sums["parity_bits"]
             n_bytes += x.size(0) * (x.size(1) - 1)
     model.train()
     return {"bpb": data_bits / n_bytes, "parity_bpb": parity_bits / n_bytes}
@@ -130,7 +127,11 @@ def train_one(
 ) -> dict:
     torch.manual_seed(seed)
     model = build(kind, s, extra)
-    opt = configure_optimizer(model, lr=s["lr"], weight_decay=0.1)
+    # The one optimizer step (bitlm.trainer) and, for the bit models, the one objective.
+    cfg = TrainConfig(
+        lr=s["lr"], min_lr=0.1 * s["lr"], warmup_steps=s["warmup"], lr_schedule="cosine", weight_decay=0.1
+    )
+    trainer = Trainer(model, cfg, objective=ByteObjective() if kind == "byte_gpt" else None)
     rng = np.random.default_rng(seed)
     W, B = s["window"], s["batch"]
     curve_windows = val[np.linspace(0, len(val) - 1, 48).astype(int)]
@@ -142,20 +143,8 @@ def train_one(
         starts = rng.integers(0, len(train) - W, B)
         batch = train[starts[:, None] + np.arange(W)]
         t = time.perf_counter()
-        progress = trained_s / seconds
-        lr = s["lr"] * min(1.0, (step + 1) / s["warmup"]) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        if kind == "byte_gpt":
-            loss = model.loss(torch.from_numpy(batch).long())
-        else:
-            bits = torch.from_numpy(bytes_to_bits(batch)).long()
-            logits, _ = model(bits)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 2), bits[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        x = torch.from_numpy(batch if kind == "byte_gpt" else bytes_to_bits(batch)).long()
+        trainer.train_step([x], progress=trained_s / seconds)
         trained_s += time.perf_counter() - t
         step += 1
     final = score(kind, model, val)

@@ -15,11 +15,14 @@ from .bits import (
     parity_ok,
     text_to_bits,
 )
-from .checkpoint import CheckpointError, load_pretrained, save_pretrained
+from .checkpoint import CheckpointError
 from .config import ConfigError, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, load_config
 from .corpus import builtin_corpus, builtin_split, byte_windows
 from .generate import generate_bits, iter_generate, sample_text
-from .model import BitTransformerLM, KVCache, infer_long_sequence
+from .loop import TrainHistory, example_training_step, train_loop
+from .model import BitTransformerLM, KVCache, infer_long_sequence, load_pretrained, save_pretrained, set_dropout
+from .objectives import bits_per_byte, evaluate
+from .optim import configure_optimizer
 from .quantization import convert_qat_fx, prepare_qat_fx, quantize_dynamic
 from .safety import SafetyError, SafetyGate, hil_safe_inference, safe_sample_with_retry
 from .scale import expand_model, expand_optimizer
@@ -32,16 +35,7 @@ from .telemetry import (
     symbiosis_score,
 )
 from .torch_utils import cpu_autocast
-from .training import (
-    Trainer,
-    TrainHistory,
-    bits_per_byte,
-    configure_optimizer,
-    evaluate,
-    example_training_step,
-    set_dropout,
-    train_loop,
-)
+from .trainer import Trainer
 
 __version__ = "0.1.0"
 

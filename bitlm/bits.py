@@ -235,7 +235,7 @@ def rle_bit_stream(bits: Any) -> np.ndarray:
     Each ``(bit, run_length)`` pair of :func:`compress_bits` becomes one 9-bit group: the run's
     bit, then its length (1..255) in 8 bits, MSB first. ``[1, 1, 1, 0]`` becomes
     ``[1, 0,0,0,0,0,0,1,1,  0, 0,0,0,0,0,0,0,1]``. This is what compression training feeds
-    the model (see bitlm.training.Trainer).
+    the model (see bitlm.objectives).
     """
     pairs = np.asarray(compress_bits(np.asarray(_as_numpy_bits(bits)).reshape(-1)), dtype=np.uint8)
     values, lengths = pairs[0::2], pairs[1::2]

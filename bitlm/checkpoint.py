@@ -1,8 +1,9 @@
 """Checkpoints: a directory of ``config.json`` + ``model.safetensors`` (+ training state).
 
-Loading never unpickles: weights come from safetensors, and the optional training state
-(optimizer, step) is read with ``torch.load(weights_only=True)``, which only rebuilds tensors and
-plain containers. A directory that is not a valid checkpoint raises :class:`CheckpointError`
+This module knows no model class: it turns (config, tensors) into files and back, and
+``bitlm.model.save_pretrained`` / ``load_pretrained`` build and check the model. Loading never
+unpickles: weights come from safetensors, and the optional training state (optimizer, step) is
+read with ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers. A directory that is not a valid checkpoint raises :class:`CheckpointError`
 saying what is wrong with it.
 """
 
@@ -27,27 +28,19 @@ class CheckpointError(ValueError):
     """A path that is not a loadable bitlm checkpoint."""
 
 
-def save_pretrained(
-    model: torch.nn.Module,
+def write_checkpoint(
     directory: str | Path,
+    config: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
     extra: dict[str, Any] | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model``'s config and weights to ``directory`` (created if needed).
-
-    ``state_dict`` overrides the weights written, e.g. the gathered full state of a sharded
-    model (bitlm.distributed.full_state_dict).
-    """
-    from .training import unwrap
-
-    model = unwrap(model)
+    """Write a model's config and weights to ``directory`` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {"format": FORMAT, "version": VERSION, "model": to_dict(model.config), "extra": extra or {}}
-    state_dict = model.state_dict() if state_dict is None else state_dict
+    meta = {"format": FORMAT, "version": VERSION, "model": to_dict(config), "extra": extra or {}}
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     save_file(weights, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return directory
 
 
@@ -70,10 +63,11 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def load_pretrained(directory: str | Path, map_location: str | torch.device = "cpu"):
-    """Build a BitTransformerLM from a checkpoint directory written by save_pretrained."""
-    from .model import BitTransformerLM
-
+def read_checkpoint(
+    directory: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """The model config, the weights and the ``extra`` dict of a checkpoint directory. Whether
+    the weights fit the config is for the model to check (bitlm.model.load_pretrained)."""
     directory = Path(directory)
     config = read_config(directory)
     try:
@@ -87,23 +81,7 @@ def load_pretrained(directory: str | Path, map_location: str | torch.device = "c
         weights = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
-    model = BitTransformerLM(config=model_cfg)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{weights_path} does not match its config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for name, tensor in weights.items():
-        if tensor.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{weights_path}: {name} has shape {tuple(tensor.shape)}, the config needs "
-                f"{tuple(expected[name].shape)}"
-            )
-    model.load_state_dict(weights)
-    return model.to(map_location)
+    return model_cfg, weights, config.get("extra") or {}
 
 
 def save_training_state(directory: str | Path, state: dict[str, Any]) -> None:

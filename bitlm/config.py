@@ -94,7 +94,7 @@ class TrainConfig:
     eval_every: int = 100
     eval_batches: int = 16
     log_every: int = 10
-    # objectives and curricula (see bitlm.training.Trainer and bitlm.schedules)
+    # objectives and curricula (see bitlm.objectives and bitlm.schedules)
     compress_prob: float = 0.0
     compress_warmup: int = 0
     direct_prob: float = 0.0
@@ -180,6 +180,22 @@ class RunSettings:
             raise ConfigError(f"run.checkpoint_every must be >= 1, got {self.checkpoint_every}")
 
 
+# Settings a platform strategy cannot honour, refused by name when a run starts
+# (ExperimentConfig.check_platform): (strategy or "*", setting, is it set?, why not).
+PLATFORM_REFUSALS: list[tuple[str, str, Any, str]] = [
+    ("pipeline", "train.seq_ramp_start_bytes", lambda c: c.train.seq_ramp_start_bytes is not None and c.train.seq_ramp_steps > 0,
+     "pipeline stages fix their activation shapes at the first step; a length ramp changes them"),
+    ("pipeline", "train.compile_model", lambda c: c.train.compile_model,
+     "torch.distributed.pipelining runs its stages eagerly"),
+    ("pipeline", "model.reversible", lambda c: c.model.reversible,
+     "reversible blocks pass two streams from block to block; pipeline stages pass one"),
+    ("fsdp", "model.reversible", lambda c: c.model.reversible,
+     "the reversible stack calls each block's branches directly, past FSDP's hooks that gather its parameters"),
+    ("*", "train.scale_patience", lambda c: c.train.scale_patience is not None,
+     "a Ray run grows its model through Tune's scaling scheduler (tune/sweep.py, scheduler.type: scaling)"),
+]  # fmt: skip
+
+
 @dataclass
 class ExperimentConfig:
     """Everything one run needs. Sections are added as the platform grows."""
@@ -189,6 +205,21 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self) -> None:
+        if self.train.diffusion and self.model.arch != "bit":
+            raise ConfigError(
+                f"train.diffusion needs model.arch: bit (denoising reads the whole window; "
+                f"arch {self.model.arch!r} has no bidirectional mode)"
+            )
+
+    def check_platform(self) -> None:
+        """Refuse, naming the setting and the strategy, what the platform's training path
+        (Ray Train, pipelines/worker.py) cannot honour under ``run.strategy``."""
+        for strategy, setting, is_set, why in PLATFORM_REFUSALS:
+            if strategy in ("*", self.run.strategy) and is_set(self):
+                where = f"run.strategy={self.run.strategy}" if strategy != "*" else "a Ray Train run"
+                raise ConfigError(f"{setting} is not supported with {where}: {why}")
 
 
 @dataclass

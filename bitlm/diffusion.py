@@ -5,10 +5,10 @@ Forward (noising) process on bits, at noise level u in [0, 1] (bitlm.schedules.n
     x_u[t] = x[t]        with probability 1 - u
            = coin flip   with probability u          (so x_u[t] != x[t] with probability u / 2)
 
-Training draws a diffusion time s ~ U(0, 1] per sequence, u = noise_level(s) * curriculum
-scale, corrupts the clean window, runs the model with ``causal=False`` (attention over the
-whole window) and takes the cross-entropy of ``logits[:, t]`` against the clean bit x[t] at
-every position. Sampling starts the continuation from coin flips and runs ``steps`` rounds of
+Training (bitlm.objectives.BitObjective, the one place the loss is written) draws a diffusion
+time s ~ U(0, 1] per sequence, u = noise_level(s) * curriculum scale, corrupts the clean
+window, runs the model with ``causal=False`` (attention over the whole window) and takes the
+cross-entropy of ``logits[:, t]`` against the clean bit x[t] at every position. Sampling starts the continuation from coin flips and runs ``steps`` rounds of
 "predict the clean bits, re-noise to the next lower level", with the prompt clamped; parity
 bits are set by the codec at the end.
 """
@@ -16,7 +16,6 @@ bits are set by the codec at the end.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .bits import enforce_parity
 from .schedules import noise_level
@@ -38,23 +37,6 @@ def diffusion_levels(
     """Noise level per sequence (B,): u = noise_level(s, schedule) * scale with s ~ U(0, 1]."""
     s = 1.0 - torch.rand(batch_size, generator=generator)
     return torch.tensor([noise_level(float(x), schedule) for x in s]) * scale
-
-
-def diffusion_loss(
-    model: torch.nn.Module,
-    bits: torch.Tensor,
-    levels: torch.Tensor,
-    generator: torch.Generator | None = None,
-    mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict]:
-    """Denoising cross-entropy (nats) of clean ``bits`` (B, T) from their corruption at
-    ``levels`` (B,), averaged over the positions ``mask`` (B, T) selects (default: all)."""
-    noisy = corrupt(bits, levels.to(bits.device), generator)
-    logits, telemetry = model(noisy, causal=False)
-    nll = F.cross_entropy(logits.reshape(-1, 2).float(), bits.reshape(-1), reduction="none").view(bits.shape)
-    if mask is None:
-        return nll.mean(), telemetry
-    return (nll * mask).sum() / mask.sum().clamp_min(1), telemetry
 
 
 @torch.no_grad()

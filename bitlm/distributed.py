@@ -1,10 +1,12 @@
-"""Distributed helpers, applied to a model from outside: FSDP2 sharding and pipeline stages.
+"""Distributed helpers, applied to a model from outside: DDP, FSDP2 sharding, pipeline stages.
 
 The model class knows nothing of parallelism. ``setup_distributed`` joins a process group
 (gloo on CPU, nccl on GPU), ``wrap_fsdp`` shards a model with FSDP2 (``fully_shard``, one unit
 per transformer block plus the root), ``make_pipeline`` cuts it into pipeline stages run by
-``torch.distributed.pipelining``. Sharded checkpoints go through ``torch.distributed.checkpoint``
-and load into an unsharded model in a single process.
+``torch.distributed.pipelining``, and ``parallelize`` applies one of the platform's strategies
+(``ddp``, ``fsdp``, ``pipeline``) the way every trainer of the platform does. Sharded
+checkpoints go through ``torch.distributed.checkpoint`` and load into an unsharded model in a
+single process.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .telemetry import telemetry_summary
-from .training import bits_per_byte, next_bit_loss, unwrap
+from .config import TrainConfig
+from .model import unwrap
+from .objectives import BitObjective, Plan
+from .telemetry import logit_telemetry
 
 SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+STRATEGIES = ("ddp", "fsdp", "pipeline")
 
 
 def setup_distributed(
@@ -63,9 +68,11 @@ def wrap_fsdp(
 
     ``FULL_SHARD`` reshards parameters after each forward (least memory); ``SHARD_GRAD_OP``
     keeps them gathered between forward and backward (less communication); ``NO_SHARD``
-    replicates them, which is plain data parallelism (DDP). ``mixed_precision`` computes in
-    bf16 and reduces gradients in fp32. ``device_id`` moves the model to that CUDA device
-    first (ignored on CPU).
+    replicates them (a 2-D mesh of world x 1: FSDP2's hybrid sharding with shards of one rank,
+    i.e. data parallelism with gradients all-reduced). The model is changed in place and
+    returned, whatever the strategy, so it trains through ``train_loop`` alike.
+    ``mixed_precision`` computes in bf16 and reduces gradients in fp32. ``device_id`` moves
+    the model to that CUDA device first (ignored on CPU).
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -74,13 +81,18 @@ def wrap_fsdp(
         raise ValueError(f"sharding_strategy must be one of {SHARDING_STRATEGIES}, got {sharding_strategy!r}")
     if not dist.is_initialized():
         raise RuntimeError("wrap_fsdp needs a process group: call setup_distributed() first")
+    if unwrap(model).config.reversible:
+        raise ValueError(
+            "wrap_fsdp: model.reversible blocks are run branch by branch, past the hooks that gather "
+            "sharded parameters; train a reversible model with DDP"
+        )
     if device_id is not None and torch.cuda.is_available():
         model = model.to(torch.device("cuda", device_id))
+    world = dist.get_world_size()
     if sharding_strategy == "NO_SHARD":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model)
-    mesh = init_device_mesh(_device_type(model), (dist.get_world_size(),))
+        mesh = init_device_mesh(_device_type(model), (world, 1), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(_device_type(model), (world,))
     mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if mixed_precision
@@ -129,12 +141,14 @@ class _Stage(nn.Module):
 
     Stages pass hidden states (B, P, C). The last stage returns normalized hidden states; the
     loss function turns them into logits, because an architecture's output head may need the
-    input bits, which the last stage receives as the target.
+    input bits, which the last stage receives with the targets. ``causal`` is set before each
+    step (False for a denoising micro-batch); ``amp`` runs the stage under bf16 autocast.
     """
 
     def __init__(self, model, start: int, end: int, first: bool, last: bool, use_checkpoint: bool):
         super().__init__()
         self.first, self.last, self.use_checkpoint = first, last, use_checkpoint
+        self.causal, self.amp = True, model.config.use_autocast
         self.io = model.io  # first stage: embeddings; last stage: the output head
         self.pos_emb = model.pos_emb if first else None
         self.drop = model.drop if first else None
@@ -142,33 +156,43 @@ class _Stage(nn.Module):
         self.ln_f = model.ln_f if last else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.first:
-            x, _ = self.io.embed(x, None)
-            x = self.drop(x + self.pos_emb(torch.arange(x.size(1), device=x.device)))
-        for block in self.blocks:
-            if self.use_checkpoint and self.training:
-                x = checkpoint(lambda b, h: b(h)[0], block, x, use_reentrant=False)
-            else:
-                x = block(x)[0]
-        return self.ln_f(x) if self.last else x
+        device = x.device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.amp):
+            if self.first:
+                x, _ = self.io.embed(x, None)
+                x = self.drop(x + self.pos_emb(torch.arange(x.size(1), device=x.device)))
+            for block in self.blocks:
+                if self.use_checkpoint and self.training:
+                    x = checkpoint(_run_block, block, x, self.causal, use_reentrant=False)
+                else:
+                    x = block(x, causal=self.causal)[0]
+            return self.ln_f(x) if self.last else x
+
+
+def _run_block(block: nn.Module, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    return block(x, causal=causal)[0]
 
 
 class PipelineModel:
     """This rank's stage of a pipelined BitTransformerLM and the GPipe schedule that runs it.
 
-    ``train_step(bits)`` runs forward and backward over ``n_microbatches`` micro-batches of the
-    batch that rank 0 holds (it is broadcast to the last stage as the target) and returns the
-    mean loss on every rank; ``last_stats`` then holds the step's loss, bpb, parity bpb and
-    K/C/S (computed on the last stage, broadcast to all). Step the optimizer over
-    ``parameters()`` afterwards.
+    ``run(objective, plan, scale)`` runs forward and backward of one micro-batch's plan
+    (bitlm.objectives.Plan; every rank must pass the same one) over ``n_microbatches``
+    pipeline micro-batches; the last stage scores the output with ``objective.loss`` and the
+    step's stats are returned on every rank. Gradients accumulate across calls, scaled by
+    ``scale``, so a Trainer accumulates micro-batches as it does for one process.
+    ``train_step(bits)`` is the guide's form: the batch rank 0 holds, the plain next-bit
+    objective, one call; it returns the mean loss. Step the optimizer over ``parameters()``.
     """
 
-    STATS = ("loss", "bpb", "parity_bpb", "K", "C", "S")
-
-    def __init__(self, stage: _Stage, schedule, rank: int, world_size: int):
+    def __init__(self, stage: _Stage, schedule, rank: int, world_size: int, config, first_block: int = 0):
         self.stage, self.schedule, self.rank, self.world_size = stage, schedule, rank, world_size
-        self.micro_stats: list[list[float]] = []
+        self.first_block = first_block
+        self.config, self.group = config, dist.group.WORLD
+        self.micro_stats: list[dict] = []
         self.last_stats: dict[str, float] = {}
+        self.current: tuple | None = None  # (objective, plan, scale) of the running step
+        self._plain: BitObjective | None = None
 
     def parameters(self):
         return self.stage.parameters()
@@ -176,33 +200,61 @@ class PipelineModel:
     def named_parameters(self):
         return self.stage.named_parameters()
 
-    def train_step(self, bits: torch.Tensor | None) -> float:
+    def run(self, objective, plan: Plan, scale: float = 1.0, amp: bool = False) -> dict:
         self.stage.train()
-        bits = _broadcast_batch(bits, self.rank)
+        self.stage.causal, self.stage.amp = plan.causal, amp or self.config.use_autocast
+        self.current = (objective, plan, scale)
+        mask = plan.mask if plan.mask is not None else torch.ones_like(plan.targets, dtype=torch.bool)
+        packed = torch.stack([plan.inputs, plan.targets, mask.long()], 1)  # (B, 3, T): what the loss needs
         self.micro_stats = []
         if self.rank == 0 and self.world_size == 1:
-            self.schedule.step(bits, target=bits)
+            self.schedule.step(plan.inputs, target=packed)
         elif self.rank == 0:
-            self.schedule.step(bits)
+            self.schedule.step(plan.inputs)
         elif self.rank == self.world_size - 1:
-            self.schedule.step(target=bits)
+            self.schedule.step(target=packed)
         else:
             self.schedule.step()
         # The first step's shape inference also calls the loss on placeholder outputs: keep
         # the real micro-batches only.
         real = self.micro_stats[-self.schedule._n_microbatches :]
-        stats = torch.tensor(real).mean(0) if real else torch.zeros(len(self.STATS))
-        dist.broadcast(stats, src=self.world_size - 1)
-        self.last_stats = dict(zip(self.STATS, stats.tolist()))
-        return self.last_stats["loss"]
+        stats = [{k: sum(r[k] for r in real) / len(real) for k in real[0]} if real else None]
+        dist.broadcast_object_list(stats, src=self.world_size - 1)
+        self.last_stats = stats[0]
+        return self.last_stats
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state dict on CPU, on every rank (a collective). Every stage holds
+        the io module: its input side is taken from the first stage, its output side from the
+        last, where each trains."""
+        parts: list[Any] = [None] * self.world_size
+        local = {}
+        for name, t in self.stage.state_dict().items():
+            if name.startswith("blocks."):
+                i, rest = name.split(".", 2)[1:]
+                name = f"blocks.{int(i) + self.first_block}.{rest}"
+            local[name] = t.detach().cpu()
+        dist.all_gather_object(parts, local)
+        inputs = {f"io.{n}" for n in self.stage.io.embed_parameter_names()} | {"pos_emb.weight"}
+        merged: dict[str, torch.Tensor] = {}
+        for rank, part in enumerate(parts):
+            for k, v in part.items():
+                if k not in inputs or rank == 0:  # later stages win for the output side
+                    merged[k] = v
+        return merged
+
+    def train_step(self, bits: torch.Tensor | None) -> float:
+        bits = _broadcast_batch(bits, self.rank, next(self.stage.parameters()).device)
+        if self._plain is None:
+            self._plain = BitObjective(TrainConfig(), self.config)
+        return self.run(self._plain, Plan(bits, bits, None, True))["loss"]
 
 
-def _broadcast_batch(bits: torch.Tensor | None, rank: int) -> torch.Tensor:
-    shape = torch.tensor(list(bits.shape) if rank == 0 else [0, 0])
+def _broadcast_batch(bits: torch.Tensor | None, rank: int, device: torch.device) -> torch.Tensor:
+    shape = torch.tensor(list(bits.shape) if rank == 0 else [0, 0], device=device)
     dist.broadcast(shape, src=0)
-    if rank != 0:
-        bits = torch.empty(tuple(shape.tolist()), dtype=torch.long)
-    bits = bits.long().contiguous()
+    bits = torch.empty(tuple(shape.tolist()), dtype=torch.long, device=device) if rank != 0 else bits
+    bits = bits.long().to(device).contiguous()
     dist.broadcast(bits, src=0)
     return bits
 
@@ -219,13 +271,16 @@ def make_pipeline(
 
     ``devices[i]`` places stage i (default: CPU, or this rank's GPU). ``checkpoint`` recomputes
     activations in backward: ``"never"``, ``"always"`` or ``"except_last"`` (every stage but
-    the last). ``n_microbatches`` defaults to the number of stages.
+    the last). ``n_microbatches`` defaults to the number of stages. Reversible blocks couple
+    two streams between blocks and stages pass one: a reversible model is refused.
     """
     from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 
     model = unwrap(model)
     if not dist.is_initialized():
         raise RuntimeError("make_pipeline needs a process group: call setup_distributed() first")
+    if model.config.reversible:
+        raise ValueError("make_pipeline: model.reversible blocks pass two streams; pipeline stages pass one")
     world, rank = dist.get_world_size(), dist.get_rank()
     if len(balance) != world:
         raise ValueError(f"balance has {len(balance)} stages but the process group has {world} ranks")
@@ -241,18 +296,61 @@ def make_pipeline(
     use_ckpt = checkpoint == "always" or (checkpoint == "except_last" and not last)
     stage_module = _Stage(model, start, start + balance[rank], first, last, use_ckpt).to(device)
     stage = PipelineStage(stage_module, rank, world, device)
+    n_micro = n_microbatches or world
+    config = model.config
+    grad = (config.lambda_K > 0, config.lambda_C > 0, config.lambda_S > 0)
 
-    pipeline: PipelineModel
+    def loss_fn(h: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        objective, plan, scale = pipeline.current
+        inputs, targets, mask = packed[:, 0], packed[:, 1], packed[:, 2].bool()
+        with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=stage_module.amp):
+            logits = stage_module.io.logits(h, inputs, None).float()
+        telemetry = logit_telemetry(logits, inputs, 0, plan.causal, grad)
+        micro = Plan(inputs, targets, mask if plan.mask is not None else None, plan.causal, plan.stats)
+        loss, stats = objective.loss(logits, telemetry, micro)
+        pipeline.micro_stats.append(stats)
+        return loss * (scale / n_micro)  # the schedule sums micro-batch gradients (scale_grads=False)
 
-    def loss_fn(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = stage_module.io.logits(h, target, None)
-        loss = next_bit_loss(logits, target)
-        with torch.no_grad():
-            kcs = telemetry_summary(model._telemetry(logits.detach(), target, [], []))
-            bpb = bits_per_byte(logits.detach(), target)
-        pipeline.micro_stats.append([loss.item(), bpb["bpb"], bpb["parity_bpb"], kcs["K"], kcs["C"], kcs["S"]])
-        return loss
-
-    schedule = ScheduleGPipe(stage, n_microbatches or world, loss_fn=loss_fn)
-    pipeline = PipelineModel(stage_module, schedule, rank, world)
+    schedule = ScheduleGPipe(stage, n_micro, loss_fn=loss_fn, scale_grads=False)
+    pipeline = PipelineModel(stage_module, schedule, rank, world, config, start)
     return pipeline
+
+
+def balance_layers(num_layers: int, world: int) -> list[int]:
+    """Blocks per pipeline stage: as even as it gets, the first stages taking the remainder."""
+    if num_layers < world:
+        raise ValueError(f"the pipeline strategy needs at least one block per rank: {num_layers} layers, {world} ranks")
+    return [num_layers // world + (1 if i < num_layers % world else 0) for i in range(world)]
+
+
+def parallelize(model: nn.Module, strategy: str) -> tuple[nn.Module, PipelineModel | None]:
+    """Apply a platform strategy to ``model`` over the default process group and return (the
+    module a Trainer steps, the pipeline or None); pass both to ``bitlm.Trainer``:
+
+    - ``ddp``: DistributedDataParallel (small buckets: gradients all-reduce while backward runs);
+    - ``fsdp``: FSDP2 ``FULL_SHARD`` in place. ``amp`` is the Trainer's bf16 autocast, as under
+      the other strategies (FSDP's own bf16 parameters would compute something else);
+    - ``pipeline``: one stage per rank (``balance_layers``), activations recomputed when the
+      model uses checkpointing. Every rank must then feed the same micro-batches
+      (``gather_batch``).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if strategy == "ddp":
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, ids, bucket_cap_mb=1, gradient_as_bucket_view=True), None
+    if strategy == "fsdp":
+        return wrap_fsdp(model, "FULL_SHARD"), None
+    base = unwrap(model)
+    balance = balance_layers(base.config.num_layers, dist.get_world_size())
+    pipeline = make_pipeline(base, balance, checkpoint="always" if base.config.use_checkpoint else "never")
+    return pipeline.stage, pipeline
+
+
+def gather_batch(bits: torch.Tensor) -> torch.Tensor:
+    """Every rank's batch (B, T) concatenated in rank order (a collective; the pipeline's input,
+    so the data of every rank trains)."""
+    parts = [torch.empty_like(bits) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, bits.contiguous())
+    return torch.cat(parts)

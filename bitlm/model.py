@@ -12,6 +12,7 @@ bytes and decodes the bits locally.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict
 from typing import Any
@@ -21,8 +22,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .bit_arch import BitIO
+from .byte_patch import BytePatchIO
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .config import ModelConfig
-from .telemetry import lz_complexity_logits, negentropy_logits, symbiosis_score
+from .reversible import reversible_stack
+from .telemetry import logit_telemetry
 
 
 class KVCache:
@@ -185,12 +190,7 @@ class BitTransformerLM(nn.Module):
             config = ModelConfig(**{**asdict(config), **kwargs})
         self.config = config
         cfg = config
-        if cfg.arch == "byte_patch":
-            from .byte_patch import BytePatchIO
-
-            self.io: nn.Module = BytePatchIO(cfg)
-        else:
-            self.io = BitIO(cfg)
+        self.io: nn.Module = BytePatchIO(cfg) if cfg.arch == "byte_patch" else BitIO(cfg)
         self.pos_emb = nn.Embedding(self.io.max_positions, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
@@ -227,15 +227,11 @@ class BitTransformerLM(nn.Module):
 
     def save_pretrained(self, directory, extra: dict[str, Any] | None = None):
         """Write config.json + model.safetensors to ``directory`` (see bitlm.checkpoint)."""
-        from .checkpoint import save_pretrained
-
         return save_pretrained(self, directory, extra)
 
     @classmethod
     def from_pretrained(cls, directory, map_location="cpu") -> BitTransformerLM:
         """Load a checkpoint directory; raises CheckpointError for anything else."""
-        from .checkpoint import load_pretrained
-
         return load_pretrained(directory, map_location)
 
     def new_cache(self) -> KVCache:
@@ -261,10 +257,10 @@ class BitTransformerLM(nn.Module):
         if not causal and (cache is not None or self.config.arch != "bit"):
             raise ValueError("diffusion mode (causal=False) needs arch='bit' and no KV cache")
         need_weights = self.config.full_attn_logging if return_attention is None else return_attention
-        autocast = torch.autocast(
-            "cpu", dtype=torch.bfloat16, enabled=self.config.use_autocast and bits.device.type == "cpu"
-        )
-        with autocast:
+        # use_autocast turns CPU bf16 on; off, it leaves a caller's autocast (amp) alone: a
+        # nested autocast(enabled=False) would switch the caller's off.
+        on_cpu = self.config.use_autocast and bits.device.type == "cpu"
+        with torch.autocast("cpu", dtype=torch.bfloat16) if on_cpu else contextlib.nullcontext():
             x, start = self.io.embed(bits, cache)  # (B, P, C), first position's index
             if start + x.size(1) > self.pos_emb.num_embeddings:
                 raise ValueError(
@@ -285,14 +281,20 @@ class BitTransformerLM(nn.Module):
             cache.length += x.size(1)
             offset = cache.bits_seen
             cache.bits_seen += bits.size(1)
-        return logits, (self._telemetry(logits, bits, acts, atts, offset) if telemetry else {})
+        if not telemetry:
+            return logits, {}
+        cfg = self.config
+        grad = (cfg.lambda_K > 0, cfg.lambda_C > 0, cfg.lambda_S > 0)
+        return logits, {
+            **logit_telemetry(logits, bits, offset, causal, grad),
+            "activations": acts,
+            "attention_maps": atts,
+        }
 
     def _run_blocks(self, x: torch.Tensor, cache: KVCache | None, need_weights: bool, causal: bool = True):
         acts: list[torch.Tensor] = []
         atts: list[torch.Tensor] = []
         if self.config.reversible and cache is None and not need_weights:
-            from .reversible import reversible_stack
-
             return reversible_stack(self.blocks, x, causal), acts, atts
         ckpt = self.config.use_checkpoint and self.training and cache is None and not need_weights
         keep_acts = not (self.training and (self.config.reversible or self.config.use_checkpoint))
@@ -317,101 +319,6 @@ class BitTransformerLM(nn.Module):
                 atts.append(att.detach())
         return x, acts, atts
 
-    def _telemetry(self, logits, bits, acts, atts, offset: int = 0) -> dict[str, Any]:
-        """K, C, S (batch means, 0-dim tensors), activations and attention maps.
-
-        They carry gradients only when their lambda is set, so logging them costs no memory.
-        For ``byte_patch`` they cover the data-bit predictions only: its parity distributions
-        are fixed by construction and say nothing about the model (they would pin K near 1
-        and S at 0). ``offset`` is the number of bits before ``bits`` (with a KV cache).
-        """
-        cfg, grad = self.config, torch.is_grad_enabled()
-        if cfg.arch == "byte_patch":
-            phase = (offset + torch.arange(1, logits.size(1) + 1, device=logits.device)) % 9
-            logits = logits[:, phase < 8]
-        with torch.set_grad_enabled(grad and cfg.lambda_K > 0):
-            k = negentropy_logits(logits).mean()
-        with torch.set_grad_enabled(grad and cfg.lambda_C > 0):
-            c = lz_complexity_logits(logits).mean()
-        with torch.set_grad_enabled(grad and cfg.lambda_S > 0):
-            s = symbiosis_score(logits, bits=bits).mean()
-        return {
-            "negentropy_logits": k,
-            "lz_complexity_logits": c,
-            "symbiosis_score": s,
-            "activations": acts,
-            "attention_maps": atts,
-        }
-
-
-class BitIO(nn.Module):
-    """``arch="bit"``: one transformer position per bit; a linear head gives the next bit.
-
-    With ``bit_embedding="plain"`` a position embeds its bit alone, as the original model does.
-    With ``"prefix"`` (the default) it embeds where that bit leaves its byte: the node of the
-    byte's prefix tree reached by the bits read so far (phase k < 8: the k+1 leading data bits;
-    the parity position: the whole byte), plus the previous byte. Both are functions of the
-    input bits up to that position, so the model stays causal and bit-native; it just does not
-    have to rediscover byte boundaries through attention. Windows must start on a byte boundary.
-    """
-
-    N_NODES = 510 + 256  # prefix nodes of depth 1..8 (2 + 4 + ... + 256), then whole bytes
-
-    def embed_parameter_names(self) -> set[str]:
-        """Parameters the input side uses (the first pipeline stage's)."""
-        return {"node_emb.weight", "prev_emb.weight", "bit_emb.weight"}
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.max_positions = self.max_bits = cfg.max_seq_len
-        self.prefix = cfg.bit_embedding == "prefix"
-        if self.prefix:
-            self.node_emb = nn.Embedding(self.N_NODES, cfg.d_model)
-            self.prev_emb = nn.Embedding(257, cfg.d_model)  # 256 = no previous byte
-        else:
-            self.bit_emb = nn.Embedding(2, cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, 2)
-
-    def embed(self, bits: torch.Tensor, cache: KVCache | None):
-        start = cache.length if cache is not None else 0
-        if not self.prefix:
-            return self.bit_emb(bits), start
-        tail = cache.state.get("tail") if cache is not None else None
-        ctx = bits if tail is None else torch.cat([tail, bits], dim=1)
-        ctx_start = start - (0 if tail is None else tail.size(1))
-        if ctx_start % 9:
-            raise ValueError("with bit_embedding='prefix', inputs must start on a byte boundary")
-        node, prev = _prefix_features(ctx)
-        T = bits.size(1)
-        if cache is not None:  # keep the bits from the start of the previous byte on
-            end = ctx_start + ctx.size(1)
-            keep_from = max(ctx_start, (end // 9 - 1) * 9)
-            cache.state["tail"] = ctx[:, keep_from - ctx_start :]
-        x = self.node_emb(node[:, -T:]) + self.prev_emb(prev[:, -T:])
-        return x, start
-
-    def logits(self, h: torch.Tensor, bits: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        return self.head(h)
-
-
-_PLACE = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])
-_NODE_OFFSET = torch.tensor([2 ** (k + 1) - 2 for k in range(8)] + [510])
-
-
-def _prefix_features(bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prefix-tree node (B, L) of each position and the previous byte (B, L), for bits that
-    start on a byte boundary. Vectorized over bytes: prefix values are cumulative sums of the
-    data bits' place values, shifted down to the bits read so far."""
-    B, L = bits.shape
-    x = F.pad(bits, (0, (-L) % 9)).view(B, -1, 9)  # (B, n_bytes, 9)
-    cum = (x[..., :8] * _PLACE.to(bits.device)).cumsum(-1)  # (B, n, 8)
-    prefix = cum // _PLACE.to(bits.device)  # value of the leading k+1 data bits
-    full = prefix[..., 7]  # (B, n) whole byte
-    node = torch.cat([prefix, full[..., None]], dim=-1) + _NODE_OFFSET.to(bits.device)
-    prev = F.pad(full, (1, 0), value=256)[:, :-1]  # (B, n)
-    prev = prev[..., None].expand(-1, -1, 9)
-    return node.reshape(B, -1)[:, :L], prev.reshape(B, -1)[:, :L]
-
 
 def _check_bits(bits: Any) -> torch.Tensor:
     if not isinstance(bits, torch.Tensor):
@@ -425,6 +332,62 @@ def _check_bits(bits: Any) -> torch.Tensor:
     if not torch.compiler.is_compiling() and bits.numel() and (bits.min() < 0 or bits.max() > 1):
         raise ValueError("bits must hold only 0 and 1")
     return bits.long()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The BitTransformerLM inside DDP / torch.compile wrappers (FSDP2 shards in place)."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Set the probability of every dropout layer (and the model config) to ``p``."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        if isinstance(m, BitTransformerLM):
+            m.config.dropout = p
+            for block in m.blocks:
+                block.attn.dropout = p
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory,
+    extra: dict[str, Any] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+):
+    """Write ``model``'s config.json + model.safetensors to ``directory`` (bitlm.checkpoint).
+
+    ``state_dict`` overrides the weights written, e.g. the gathered full state of a sharded
+    model (bitlm.distributed.full_state_dict)."""
+    model = unwrap(model)
+    return write_checkpoint(directory, model.config, model.state_dict() if state_dict is None else state_dict, extra)
+
+
+def load_pretrained(directory, map_location: str | torch.device = "cpu") -> BitTransformerLM:
+    """Build a BitTransformerLM from a checkpoint directory written by save_pretrained; a
+    directory that is not one, or whose weights do not fit its config, raises CheckpointError."""
+    config, weights, _ = read_checkpoint(directory, map_location)
+    weights_path = f"{directory}/model.safetensors"
+    model = BitTransformerLM(config=config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{weights_path} does not match its config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for name, tensor in weights.items():
+        if tensor.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{weights_path}: {name} has shape {tuple(tensor.shape)}, the config needs "
+                f"{tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(weights)
+    return model.to(map_location)
 
 
 @torch.no_grad()

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model import unwrap
+
 
 def _swap_linears(model: nn.Module, make) -> nn.Module:
     for name, child in model.named_children():
@@ -114,8 +116,6 @@ def quantize_dynamic(model: nn.Module, dtype: torch.dtype = torch.qint8) -> nn.M
     """
     if dtype not in (torch.qint8, torch.int8):
         raise ValueError(f"quantize_dynamic supports dtype=torch.qint8 only, got {dtype}")
-    from .training import unwrap
-
     q = copy.deepcopy(unwrap(model)).eval()
     return _swap_linears(q, lambda lin: Int8DynamicLinear(_as_float_linear(lin)))
 
@@ -196,8 +196,6 @@ def _as_float_linear(linear: nn.Linear) -> nn.Linear:
 
 def prepare_qat_fx(model: nn.Module, group_size: int = 64) -> nn.Module:
     """A trainable copy of ``model`` whose Linear layers fake-quantize their weights to 4 bits."""
-    from .training import unwrap
-
     q = copy.deepcopy(unwrap(model))
 
     def make(lin: nn.Linear) -> QATLinear:

@@ -20,17 +20,24 @@ original's at the moment of expansion:
 
 ``expand_optimizer`` carries optimizer state over for every parameter whose name and shape
 survive and starts the others fresh.
+
+When to grow is one rule too, :class:`PlateauRule`, used by ``train_loop`` and by Tune's
+progressive-scaling scheduler (tune/scaling.py) alike.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn as nn
 
-from .model import BitTransformerLM
+from .config import ModelConfig
+from .model import BitTransformerLM, unwrap
+from .optim import configure_optimizer
 
 STRATEGIES = ("depth", "width", "context")
 
@@ -43,8 +50,6 @@ def expand_model(
     generator: torch.Generator | None = None,
 ) -> BitTransformerLM:
     """A larger copy of ``model`` computing the same function (see the module docstring)."""
-    from .training import unwrap
-
     model = unwrap(model)
     if factor < 2:
         raise ValueError(f"factor must be >= 2, got {factor}")
@@ -188,8 +193,6 @@ def expand_optimizer(
 ) -> torch.optim.Optimizer:
     """An optimizer of the same kind and settings for ``new_model``, carrying the state of every
     parameter whose name and shape are unchanged; new or reshaped parameters start fresh."""
-    from .training import configure_optimizer
-
     groups = optimizer.param_groups
     new_opt = configure_optimizer(
         new_model, lr=groups[0]["lr"], weight_decay=groups[0]["weight_decay"], betas=groups[0].get("betas", (0.9, 0.95))
@@ -208,8 +211,6 @@ def grow_to(
     """Grow ``model`` by doubling expansions until its config equals ``target`` (a
     ModelConfig); return the grown model and the strategies applied, in order. A target that
     no sequence of depth/width/context doublings reaches raises ValueError."""
-    from dataclasses import asdict
-
     steps = []
     fields = {"depth": "num_layers", "width": "d_model", "context": "max_seq_len"}
     while True:
@@ -223,3 +224,63 @@ def grow_to(
                 break
         else:
             raise ValueError(f"cannot grow {asdict(cur)} into {asdict(target)} by doubling depth, width or context")
+
+
+# -- when to grow -------------------------------------------------------------------------------
+
+SIZE_FIELDS = {"depth": ("num_layers",), "width": ("d_model", "dim_feedforward"), "context": ("max_seq_len",)}
+
+
+def grown_config(config: ModelConfig, strategy: str, factor: int = 2) -> ModelConfig:
+    """The config ``expand_model(model, strategy, factor)`` gives a model of ``config``."""
+    return replace(config, **{name: getattr(config, name) * factor for name in SIZE_FIELDS[strategy]})
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameters of the model ``config`` describes, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return BitTransformerLM(config=config).num_parameters()
+
+
+class PlateauRule:
+    """Grow on a plateau: a score (validation loss or bits/byte) that has not improved by
+    ``min_delta`` on the best so far for ``patience`` observations in a row.
+
+    ``observe(score, config, growths)`` records one score of a model of ``config`` that has
+    grown ``growths`` times so far, and returns the strategy to grow by now, or None. Strategies
+    cycle through ``strategies`` in order. A growth past ``max_params`` is never made, and once
+    one is refused the rule stops growing (a bigger model would be refused again). After a
+    growth the best score starts over: the grown model is judged on its own progress.
+    """
+
+    def __init__(
+        self,
+        patience: int,
+        min_delta: float = 0.0,
+        strategies: Sequence[str] = STRATEGIES,
+        max_params: int | None = None,
+        mode: str = "min",
+    ):
+        bad = [s for s in strategies if s not in STRATEGIES]
+        if patience < 1 or bad or mode not in ("min", "max"):
+            raise ValueError(f"PlateauRule needs patience >= 1, strategies in {STRATEGIES}, mode min|max")
+        self.patience, self.min_delta, self.strategies = patience, min_delta, list(strategies)
+        self.max_params, self.sign = max_params, 1 if mode == "min" else -1
+        self.best, self.bad, self.capped = math.inf, 0, False
+
+    def observe(
+        self, score: float, config: ModelConfig, growths: int, size: Callable[[ModelConfig], int] = count_parameters
+    ) -> str | None:
+        value = self.sign * score
+        if value < self.best - self.min_delta:
+            self.best, self.bad = value, 0
+            return None
+        self.bad += 1
+        if self.bad < self.patience or self.capped or not self.strategies:
+            return None
+        strategy = self.strategies[growths % len(self.strategies)]
+        if self.max_params is not None and size(grown_config(config, strategy)) > self.max_params:
+            self.capped = True
+            return None
+        self.best, self.bad = math.inf, 0
+        return strategy

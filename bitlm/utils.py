@@ -1,5 +1,5 @@
 """The guide's ``bit_transformer.utils`` names."""
 
-from .training import set_dropout
+from .model import set_dropout
 
 __all__ = ["set_dropout"]

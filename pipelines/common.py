@@ -1,4 +1,5 @@
-"""What the platform's entrypoints share: Ray start-up, MLflow wiring, prepared-shard reading.
+"""What the platform's entrypoints share: Ray start-up, cluster path checks, prepared-shard
+reading (MLflow is pipelines/tracking.py).
 
 Functions here run on the driver and inside Ray workers. The entrypoints register the
 ``pipelines`` package for pickling by value, so workers on any node need only ``bitlm`` and the
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,41 +113,6 @@ def check_cluster_paths(paths: dict[str, str], mlflow_uri: str | None = None) ->
                     raise SystemExit(f"{setting}={path} is not visible from node {n['NodeManagerAddress']}: {hint}")
         finally:
             marker.unlink(missing_ok=True)
-
-
-# -- MLflow ----------------------------------------------------------------------------------
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set, else a SQLite store in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-
-
-def mlflow_client():
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri())
-
-
-def experiment_id(client, name: str) -> str:
-    """The id of MLflow experiment ``name``, created on first use. A local store keeps its
-    artifacts beside the database (``mlartifacts/``); a tracking server decides for itself."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    location = None
-    if tracking_uri().startswith("sqlite:///"):
-        db = Path(tracking_uri()[len("sqlite:///") :])
-        location = (db.parent / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 # -- prepared shards -------------------------------------------------------------------------

@@ -22,8 +22,9 @@ sys.path.insert(0, str(ROOT))
 from bitlm import BitTransformerLM, load_config, sample_text  # noqa: E402
 from bitlm.config import dump_config  # noqa: E402
 from pipelines import evaluate, train  # noqa: E402
-from pipelines.common import init_ray, tracking_uri  # noqa: E402
+from pipelines.common import init_ray  # noqa: E402
 from pipelines.prepare_data import prepare  # noqa: E402
+from pipelines.tracking import tracking_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:

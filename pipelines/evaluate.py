@@ -32,7 +32,8 @@ import torch  # noqa: E402
 from bitlm import BitTransformerLM, evaluate  # noqa: E402
 from bitlm.bits import bits_to_bytes  # noqa: E402
 from bitlm.checkpoint import read_config  # noqa: E402
-from pipelines.common import mlflow_client, read_manifest, shard_paths, unpack_bits  # noqa: E402
+from pipelines.common import read_manifest, shard_paths, unpack_bits  # noqa: E402
+from pipelines.tracking import mlflow_client  # noqa: E402
 
 COMPRESSORS = {
     "gzip-9": lambda b: gzip.compress(b, 9, mtime=0),

@@ -122,7 +122,7 @@ def test_guide_arguments_and_defaults():
 
 
 def test_prefix_embedding_sees_the_byte_so_far():
-    from bitlm.model import _prefix_features
+    from bitlm.bit_arch import _prefix_features
 
     node, prev = _prefix_features(torch.tensor([text_to_bits("AC")]))
     # "A" = 0b01000001: nodes of depth 1..8 are offset 2^(k+1) - 2 plus the prefix value

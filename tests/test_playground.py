@@ -1,6 +1,6 @@
 """The playground page in a real browser: Playwright driving Debian's Chromium (headless).
 
-It is served by the Ray Serve application and, without Ray, by bitlm.dashboard_app.run_dashboard;
+It is served by the Ray Serve application and, without Ray, by serve/dashboard.py (run_dashboard);
 in both, typing a prompt and pressing Generate streams text and draws K/C/S per byte."""
 
 import threading
@@ -54,7 +54,7 @@ def test_playground_on_ray_serve(browser, server, tmp_path):
 def test_playground_without_ray(browser, checkpoints, tmp_path):
     from conftest import free_port
 
-    from bitlm.dashboard_app import make_server
+    from serve.dashboard import make_server
 
     port = free_port()
     httpd = make_server("127.0.0.1", port, checkpoint=str(checkpoints / "good"))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from bitlm import BitTransformerLM, TrainConfig, sample_text, text_to_bits
+from bitlm import BitTransformerLM, TrainConfig, Trainer, sample_text, text_to_bits
 from bitlm.quantization import (
     Int4Linear,
     Int8DynamicLinear,
@@ -11,7 +11,6 @@ from bitlm.quantization import (
     quantize_dynamic,
     quantized_bytes,
 )
-from bitlm.training import Trainer
 
 TINY = dict(d_model=64, nhead=4, num_layers=2, dim_feedforward=128, max_seq_len=144, dropout=0.0)
 

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from bitlm import BitTransformerLM, TrainConfig
+from bitlm import BitTransformerLM, TrainConfig, Trainer
 from bitlm.reversible import coupled_stack, reversible_stack
-from bitlm.training import Trainer
 
 CFG = dict(d_model=32, nhead=4, num_layers=3, dim_feedforward=64, max_seq_len=90)
 

@@ -1,9 +1,8 @@
 import pytest
 import torch
 
-from bitlm import BitTransformerLM, TrainConfig, text_to_bits, train_loop
+from bitlm import BitTransformerLM, TrainConfig, Trainer, evaluate, text_to_bits, train_loop
 from bitlm.scale import expand_model, expand_optimizer
-from bitlm.training import Trainer
 
 TINY = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=90, dropout=0.0)
 VARIANTS = [{}, {"reversible": True}, {"bit_embedding": "plain"}, {"chunk_size": 18}]
@@ -49,11 +48,11 @@ def test_training_continues_after_expansion_with_optimizer_state(strategy):
     assert carried == unchanged > 0  # unchanged parameters keep their Adam state, others start fresh
     if strategy == "width":
         assert unchanged == 1  # only the 2-way head's bias keeps its shape
-    before = Trainer(grown, TrainConfig(lr=0.0), opt).evaluate(data)["val_loss"]
+    before = evaluate(grown, data, 8)["val_loss"]
     t2 = Trainer(grown, TrainConfig(lr=3e-3), opt)
     for i in range(30):
         t2.train_step([data[(i % 4) * 8 : (i % 4 + 1) * 8]])
-    after = t2.evaluate(data)["val_loss"]
+    after = evaluate(t2.model, data, 8)["val_loss"]
     assert after < before
 
 
@@ -122,7 +121,7 @@ def test_rewarming_keeps_a_width_growth_from_undoing_training():
         losses = []
         for i in range(8):
             t.train_step([data[(i % 4) * 8 : (i % 4 + 1) * 8]])
-            losses.append(t.evaluate(data)["val_loss"])
+            losses.append(evaluate(t.model, data, 8)["val_loss"])
         return max(losses)
 
     assert worst_after_growth(8) < worst_after_growth(0)

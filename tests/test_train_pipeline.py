@@ -37,11 +37,16 @@ def _history(client, run_id, key):
     return sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
 
 
+# Beyond the strategy, a setting that reaches the workers: accumulation and the direct objective
+# under the pipeline (the strategy that once dropped them).
+SETTINGS = {"pipeline": {"train.accum_steps": 2, "train.direct_prob": 1.0}}
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "pipeline"])
 def test_train_each_strategy_logs_to_mlflow(strategy, tmp_path, data_dir, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
-    out = train.run(_cfg(tmp_path, data_dir, **{"run.strategy": strategy}))
+    out = train.run(_cfg(tmp_path, data_dir, **{"run.strategy": strategy, **SETTINGS.get(strategy, {})}))
     client = MlflowClient(mlflow_uri)
     run = client.get_run(out["run_id"])
     assert run.info.status == "FINISHED"
@@ -57,6 +62,10 @@ def test_train_each_strategy_logs_to_mlflow(strategy, tmp_path, data_dir, mlflow
     # Validation at eval_every (6, 12), and once at the first report (every Ray report carries it).
     assert [m.step for m in _history(client, out["run_id"], "val_bpb")] == [2, 6, 12]
     assert _history(client, out["run_id"], "throughput_bits_per_s")[-1].value > 0
+    assert _history(client, out["run_id"], "grad_norm")[-1].value > 0
+    direct = [m.value for m in _history(client, out["run_id"], "direct")]
+    assert direct == [1.0 if strategy in SETTINGS else 0.0] * 12
+    assert bool(_history(client, out["run_id"], "bpb")) == (strategy not in SETTINGS)  # bpb: plain batches only
     artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
     assert {"checkpoint", "plots", "data", "config.yaml"} <= artifacts
     local = client.download_artifacts(out["run_id"], "checkpoint", str(tmp_path / "dl"))
@@ -65,6 +74,14 @@ def test_train_each_strategy_logs_to_mlflow(strategy, tmp_path, data_dir, mlflow
     # the downloaded final checkpoint is the trained model: its val bpb is the logged one
     result = evaluate.evaluate_checkpoint(local, data_dir)
     assert result["model"]["bpb"] < 8.0 and set(result["compressors"]) == {"gzip-9", "bz2-9", "xz-9e"}
+
+
+def test_a_setting_the_strategy_cannot_honour_stops_the_run_before_ray(tmp_path, data_dir, mlflow_uri):
+    from bitlm import ConfigError
+
+    cfg = _cfg(tmp_path, data_dir, **{"run.strategy": "pipeline", "model.reversible": True})
+    with pytest.raises(ConfigError, match="model.reversible is not supported with run.strategy=pipeline"):
+        train.run(cfg)
 
 
 def test_worker_failure_resumes_from_last_checkpoint(tmp_path, data_dir, mlflow_uri):

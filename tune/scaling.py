@@ -16,45 +16,37 @@ trial with fixed-size ones under the same scheduler.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-SIZE_KEYS = {
-    "depth": ("model.num_layers",),
-    "width": ("model.d_model", "model.dim_feedforward"),
-    "context": ("model.max_seq_len",),
-}
+from bitlm.config import ExperimentConfig, ModelConfig, apply_overrides, from_dict
+from bitlm.scale import SIZE_FIELDS, PlateauRule, count_parameters
 
 
-def model_size(experiment: dict[str, Any], overrides: dict[str, Any]) -> int:
+def _model_config(config: dict[str, Any]) -> ModelConfig:
+    """The model a trial config describes: its base with the sampled (and grown) keys."""
+    base = from_dict(ExperimentConfig, config["_base"])
+    return apply_overrides(base, {k: v for k, v in config.items() if not k.startswith("_")}).model
+
+
+def model_size(config: dict[str, Any]) -> int:
     """Parameters of the model a trial config describes (built on the meta device: no memory)."""
-    import torch
-
-    from bitlm import BitTransformerLM
-    from bitlm.config import ExperimentConfig, apply_overrides, from_dict
-
-    cfg = apply_overrides(from_dict(ExperimentConfig, experiment), overrides)
-    with torch.device("meta"):
-        return BitTransformerLM(config=cfg.model).num_parameters()
+    return count_parameters(_model_config(config))
 
 
 def grown_config(config: dict[str, Any], strategy: str) -> dict[str, Any]:
     """The trial config with the model doubled along ``strategy``."""
-    from bitlm.config import ExperimentConfig, apply_overrides, from_dict
-
-    base = from_dict(ExperimentConfig, config["_base"])
-    current = apply_overrides(base, {k: v for k, v in config.items() if not k.startswith("_")})
-    new = dict(config)
-    for key in SIZE_KEYS[strategy]:
-        section, name = key.split(".")
-        new[key] = getattr(getattr(current, section), name) * 2
+    current = _model_config(config)
+    new = {**config, **{f"model.{name}": getattr(current, name) * 2 for name in SIZE_FIELDS[strategy]}}
     new["_growths"] = [*config.get("_growths", []), strategy]
     return new
 
 
 class ProgressiveScalingScheduler(FIFOScheduler):
+    """Grows a trial's model when bitlm's :class:`~bitlm.scale.PlateauRule` (the rule
+    ``train_loop`` uses) calls a plateau in its ``metric``; one rule per trial."""
+
     def __init__(
         self,
         metric: str = "val_bpb",
@@ -66,33 +58,30 @@ class ProgressiveScalingScheduler(FIFOScheduler):
         time_attr: str = "step",
     ):
         super().__init__()
-        self.watch, self.sign = metric, (1 if mode == "min" else -1)
-        self.patience, self.min_delta, self.strategies = patience, min_delta, list(strategies)
-        self.max_params, self.time_attr = max_params, time_attr
-        self.state: dict[str, dict[str, float]] = {}
+        self.watch, self.mode, self.time_attr = metric, mode, time_attr
+        self.rule_args = (patience, min_delta, list(strategies), max_params, mode)
+        self.rules: dict[str, PlateauRule] = {}
         self.events: list[dict[str, Any]] = []
 
     def on_trial_result(self, tune_controller, trial, result: dict[str, Any]) -> str:
-        if self.watch not in result or not trial.config.get("_grow", True) or not self.strategies:
+        if self.watch not in result or not trial.config.get("_grow", True):
             return TrialScheduler.CONTINUE
-        value = self.sign * result[self.watch]
-        st = self.state.setdefault(trial.trial_id, {"best": math.inf, "bad": 0, "capped": 0})
-        if value < st["best"] - self.min_delta:
-            st.update(best=value, bad=0)
-            return TrialScheduler.CONTINUE
-        st["bad"] += 1
         max_steps = trial.config.get("_max_steps")
-        if st["bad"] < self.patience or st["capped"] or (max_steps and result.get(self.time_attr, 0) >= max_steps):
+        if max_steps and result.get(self.time_attr, 0) >= max_steps:
             return TrialScheduler.CONTINUE  # a growth on the last report would train nothing
-        strategy = self.strategies[len(trial.config.get("_growths", [])) % len(self.strategies)]
-        new = grown_config(trial.config, strategy)
-        size = model_size(new["_base"], {k: v for k, v in new.items() if not k.startswith("_")})
-        if self.max_params is not None and size > self.max_params:
-            st["capped"] = 1
+        rule = self.rules.setdefault(trial.trial_id, PlateauRule(*self.rule_args))
+        growths = len(trial.config.get("_growths", []))
+        strategy = rule.observe(result[self.watch], _model_config(trial.config), growths)
+        if strategy is None:
             return TrialScheduler.CONTINUE
+        new = grown_config(trial.config, strategy)
         trial.set_config(new)
-        st.update(best=math.inf, bad=0)
         self.events.append(
-            {"trial": trial.trial_id, "strategy": strategy, self.time_attr: result.get(self.time_attr), "params": size}
+            {
+                "trial": trial.trial_id,
+                "strategy": strategy,
+                self.time_attr: result.get(self.time_attr),
+                "params": model_size(new),
+            }
         )
         return TrialScheduler.PAUSE

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bitlm.config import (  # noqa: E402
+    ConfigError,
     ExperimentConfig,
     SweepConfig,
     apply_overrides,
@@ -43,19 +44,12 @@ from bitlm.config import (  # noqa: E402
     load_sweep,
     to_dict,
 )
-from pipelines.common import (  # noqa: E402
-    check_cluster_paths,
-    experiment_id,
-    init_ray,
-    mlflow_client,
-    read_manifest,
-    storage_path,
-    tracking_uri,
-)
+from pipelines.common import check_cluster_paths, init_ray, read_manifest, storage_path  # noqa: E402
+from pipelines.tracking import experiment_id, log_checkpoint, mlflow_client, open_run, tracking_uri  # noqa: E402
 
 # Functions, not the module: the trial function is pickled by value, and a module object
 # would drag the whole of pipelines.train (and torch's config modules) along.
-from pipelines.train import ensure_data, local_run_dir, log_checkpoint, make_trainer, open_mlflow_run  # noqa: E402
+from pipelines.train import ensure_data, local_run_dir, make_trainer  # noqa: E402
 
 # -- one trial (runs in a Tune trial actor) ------------------------------------------------------
 
@@ -86,7 +80,7 @@ def trial_fn(config: dict[str, Any]) -> None:
         client.update_run(run_id, status="RUNNING")
     else:
         tags = {"mlflow.parentRunId": config["_parent"], "trial_id": trial_id, "sweep": config["_sweep"]}
-        run_id = open_mlflow_run(client, cfg, name, data_dir, manifest, tags)
+        run_id = open_run(client, cfg, name, data_dir, manifest, tags)
     for key in ("model.num_layers", "model.d_model", "model.max_seq_len"):  # sizes change: metrics, not params
         section, field = key.split(".")
         client.log_metric(run_id, f"size_{field}", getattr(getattr(cfg, section), field), step=0)
@@ -255,6 +249,12 @@ def run_sweep(
     base = load_config(
         ROOT / sweep.base if not Path(sweep.base).is_absolute() else sweep.base, [*sweep.set, *(base_overrides or [])]
     )
+    base.check_platform()
+    if sweep.scheduler.type == "scaling" and base.run.strategy != "ddp":
+        raise ConfigError(
+            f"sweep.scheduler.type=scaling is not supported with run.strategy={base.run.strategy}: "
+            "a grown model is rebuilt from the checkpoint and its optimizer state remapped, which only ddp does"
+        )
     init_ray()
     check_cluster_paths({"storage_path": sweep.storage_path, "data.output_dir": base.data.output_dir}, tracking_uri())
     data_dir, _ = ensure_data(base)

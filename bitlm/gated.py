@@ -1,0 +1,359 @@
+"""The one gated generation loop: prompt -> bits -> gate -> retries -> events.
+
+Ray Serve (serve/), the playground and ``safe_sample_with_retry`` all generate through here.
+
+One *attempt* generates up to ``max_new_bytes`` bytes for a batch of prompts of equal length,
+by sampling (bitlm.generate, the KV cache, parity set by the codec) or by iterative denoising
+(bitlm.diffusion). After each byte the running K, C, S of everything generated so far
+(bitlm.telemetry.RunningTelemetry) go to the request's :class:`SafetyGate` (floors, EMA decay,
+burn-in); when it triggers, that attempt stops there and its last event says ``blocked``. A
+streamed answer cannot take back what it sent, so a stream sees each byte's verdict before the
+byte and ends at a block.
+
+*Retries*: when an attempt is blocked, :class:`Attempts` plans the next one by the gate's
+``retry_strategy``: ``"temperature"`` samples again 0.25 hotter per retry (away from degenerate
+loops) with the next seed, ``"diffusion"`` regenerates the continuation by denoising (a
+``arch="bit"`` model trained for it; another arch is refused). After ``max_retries`` blocked
+retries the answer is a content filter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .bits import bits_to_bytes, bytes_to_bits, parity_ok
+from .diffusion import diffusion_generate
+from .generate import GeneratedByte, iter_generate
+from .telemetry import RunningTelemetry
+
+RETRY_STRATEGIES = ("temperature", "diffusion")
+TEMPERATURE_STEP = 0.25  # how much hotter each temperature retry samples
+
+
+class SafetyError(RuntimeError):
+    """Output blocked by the safety gate; ``metrics`` holds the values that failed."""
+
+    def __init__(self, message: str, metrics: dict[str, float] | None = None, attempts: list | None = None):
+        super().__init__(message)
+        self.metrics = metrics or {}
+        self.attempts = attempts or []
+
+
+class SafetyGate:
+    """Exponential-moving-average gate over C and S.
+
+    Each ``should_trigger(c, s)`` call updates ``ema = decay * ema + (1 - decay) * value``
+    (the first value initializes it) and returns True when either EMA is below its floor. The
+    first ``burn_in`` calls only warm the EMAs up and never trigger: a gate has no opinion
+    before it has seen ``burn_in`` values. (The original guide's one-call example expects True
+    with ``burn_in=10``; that contradicts its own advice to raise burn_in to trigger less.)
+    """
+
+    def __init__(self, c_floor: float = 0.3, s_floor: float = 0.5, decay: float = 0.9, burn_in: int = 10):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if burn_in < 0:
+            raise ValueError(f"burn_in must be >= 0, got {burn_in}")
+        self.c_floor, self.s_floor, self.decay, self.burn_in = c_floor, s_floor, decay, burn_in
+        self.reset()
+
+    def reset(self) -> None:
+        self.ema_c: float | None = None
+        self.ema_s: float | None = None
+        self.steps = 0
+
+    def update(self, c_val: float, s_val: float) -> None:
+        c_val, s_val = float(c_val), float(s_val)
+        if self.ema_c is None or self.ema_s is None:
+            self.ema_c, self.ema_s = c_val, s_val
+        else:
+            self.ema_c = self.decay * self.ema_c + (1 - self.decay) * c_val
+            self.ema_s = self.decay * self.ema_s + (1 - self.decay) * s_val
+        self.steps += 1
+
+    def should_trigger(self, c_val: float, s_val: float) -> bool:
+        self.update(c_val, s_val)
+        if self.steps <= self.burn_in:
+            return False
+        return self.ema_c < self.c_floor or self.ema_s < self.s_floor
+
+    def failed_metrics(self) -> dict[str, float]:
+        """The EMA values currently below their floors."""
+        out = {}
+        if self.ema_c is not None and self.ema_c < self.c_floor:
+            out["C"] = self.ema_c
+        if self.ema_s is not None and self.ema_s < self.s_floor:
+            out["S"] = self.ema_s
+        return out
+
+
+def blocked_message(failed: dict[str, float], c_floor: float, s_floor: float) -> str:
+    floors = {"C": c_floor, "S": s_floor}
+    parts = [f"{k}={v:.3f} < {k.lower()}_floor={floors[k]}" for k, v in failed.items()]
+    return "Output blocked by safety gate: " + ", ".join(parts)
+
+
+@dataclass
+class GateSettings:
+    """The gate a generation runs under (a server's are changeable while it runs)."""
+
+    c_floor: float = 0.3
+    s_floor: float = 0.3
+    decay: float = 0.9
+    burn_in: int = 16  # bytes generated before the gate may block
+    max_retries: int = 2
+    retry_strategy: str = "temperature"  # or "diffusion" (arch="bit" models only)
+
+    def __post_init__(self) -> None:
+        if self.retry_strategy not in RETRY_STRATEGIES:
+            raise ValueError(f"retry_strategy must be one of {RETRY_STRATEGIES}, got {self.retry_strategy!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        SafetyGate(self.c_floor, self.s_floor, self.decay, self.burn_in)  # checks decay and burn-in
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Refuse a retry strategy the model cannot run."""
+        if self.retry_strategy == "diffusion":
+            _check_diffusion(model)
+
+    def new_gate(self) -> SafetyGate:
+        return SafetyGate(self.c_floor, self.s_floor, self.decay, self.burn_in)
+
+
+@dataclass
+class ByteEvent:
+    """One generated byte, its telemetry (bitlm.telemetry.RunningTelemetry: K and S of this
+    byte's predictions, C of everything so far; ``K_total`` and ``S_total`` over everything so
+    far) and the gate's state after it."""
+
+    index: int
+    byte: int
+    bits: list[int]
+    K: float
+    C: float
+    S: float
+    K_total: float
+    S_total: float
+    blocked: bool = False
+    failed: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- one attempt -------------------------------------------------------------------------------
+
+
+def _check_diffusion(model: torch.nn.Module) -> None:
+    if model.config.arch != "bit":
+        raise ValueError(f"diffusion generation needs a model with arch='bit'; this one is {model.config.arch!r}")
+
+
+def _diffusion_bytes(model, prompt_bits: torch.Tensor, max_new_bytes: int, generator) -> Iterator[GeneratedByte]:
+    """A denoising attempt: the whole continuation at once, then handed out byte by byte."""
+    n = min(max_new_bytes, model.io.max_bits // 9 - 1)
+    out, logits = diffusion_generate(model, prompt_bits, n, generator=generator, return_logits=True)
+    new = out[:, prompt_bits.size(1) :]
+    for i in range(n):
+        yield GeneratedByte(new[:, 9 * i : 9 * i + 9], logits[:, 9 * i : 9 * i + 9])
+
+
+def _generators(seeds: list[int | None]) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(s if s is not None else torch.seed() % 2**63) for s in seeds]
+
+
+def stream_batch(
+    model: torch.nn.Module,
+    prompts: list[bytes],
+    max_new_bytes: list[int],
+    temperature: list[float],
+    top_p: list[float],
+    seeds: list[int | None],
+    gate: GateSettings | None = None,
+    strategy: str = "sample",
+) -> Iterator[list[ByteEvent | None]]:
+    """One attempt for several requests whose prompts have the same length, decoded as one
+    batch: each step yields one event per request (None once that request has finished). Each
+    request keeps its own sampling settings, seed and gate, so its bytes equal what it would
+    get alone (up to float rounding in batched matrix products). ``strategy="diffusion"``
+    denoises instead (with the first request's seed)."""
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("stream_batch needs prompts of equal length")
+    gate = gate or GateSettings()
+    B = len(prompts)
+    gates = [gate.new_gate() for _ in range(B)]
+    generators = _generators(seeds)
+    prompt_bits = torch.from_numpy(bytes_to_bits(b"".join(prompts)).reshape(B, -1)).long()
+    if strategy == "diffusion":
+        _check_diffusion(model)
+        steps = _diffusion_bytes(model, prompt_bits, max(max_new_bytes), generators[0])
+    else:
+        temps, tops = torch.tensor(temperature), torch.tensor(top_p)
+        steps = iter_generate(model, prompt_bits, max(max_new_bytes), temps, tops, generators)
+    running = RunningTelemetry(B)
+    done = [False] * B
+    for i, step in enumerate(steps):
+        bits = step.bits.cpu()
+        K, C, S = running.update(bits, step.logits)
+        K_total, _, S_total = running.totals()
+        out: list[ByteEvent | None] = []
+        for b in range(B):
+            if done[b] or i >= max_new_bytes[b]:
+                done[b] = True
+                out.append(None)
+                continue
+            blocked = gates[b].should_trigger(C[b], S[b])
+            done[b] = blocked
+            failed = gates[b].failed_metrics() if blocked else {}
+            byte = bits_to_bytes(bits[b])[0]
+            out.append(ByteEvent(i, byte, bits[b].tolist(), K[b], C[b], S[b], K_total[b], S_total[b], blocked, failed))
+        yield out
+        if all(done):
+            return
+
+
+def stream_bytes(
+    model: torch.nn.Module,
+    prompt: bytes,
+    max_new_bytes: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    gate: GateSettings | None = None,
+    strategy: str = "sample",
+) -> Iterator[ByteEvent]:
+    """One attempt for one request: its events; the last has ``blocked=True`` when the gate
+    stopped the generation there."""
+    for events in stream_batch(model, [prompt], [max_new_bytes], [temperature], [top_p], [seed], gate, strategy):
+        if events[0] is None:
+            return
+        yield events[0]
+
+
+# -- retries -----------------------------------------------------------------------------------
+
+
+@dataclass
+class AttemptPlan:
+    """How attempt ``attempt`` generates."""
+
+    attempt: int
+    strategy: str  # "sample" (the first attempt), "temperature" or "diffusion"
+    temperature: float
+    seed: int | None
+
+
+@dataclass
+class Completion:
+    """A finished gated generation: the kept bytes (none when every attempt was blocked)."""
+
+    data: bytes
+    bits: list[int]
+    events: list[ByteEvent]
+    finish_reason: str  # "length" | "content_filter"
+    attempts: list[dict[str, Any]]
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8", errors="replace")
+
+    @property
+    def passed(self) -> bool:
+        return self.finish_reason != "content_filter"
+
+    def summary(self) -> dict[str, float]:
+        """K, C, S of the last attempt's whole generation."""
+        if not self.events:
+            return {"K": math.nan, "C": math.nan, "S": math.nan}
+        last = self.events[-1]
+        return {"K": last.K_total, "C": last.C, "S": last.S_total}
+
+
+class Attempts:
+    """The retry loop, whoever runs the attempts (in-process here, batched by Serve)::
+
+        attempts = Attempts(gate, temperature, seed)
+        for plan in attempts:
+            attempts.record(plan, events_of_an_attempt_run_by(plan))
+        completion = attempts.completion()
+
+    Iteration stops after the first attempt that passes, or after ``max_retries`` retries.
+    """
+
+    def __init__(self, gate: GateSettings, temperature: float, seed: int | None, max_retries: int | None = None):
+        self.gate, self.temperature, self.seed = gate, temperature, seed
+        self.max_retries = gate.max_retries if max_retries is None else max_retries
+        self.log: list[dict[str, Any]] = []
+        self.events: list[ByteEvent] = []
+        self.passed = False
+
+    def plan(self, attempt: int) -> AttemptPlan:
+        seed = None if self.seed is None else self.seed + attempt
+        if attempt == 0:
+            return AttemptPlan(0, "sample", self.temperature, seed)
+        strategy = self.gate.retry_strategy
+        hotter = self.temperature + TEMPERATURE_STEP * attempt if strategy == "temperature" else self.temperature
+        return AttemptPlan(attempt, strategy, hotter, seed)
+
+    def __iter__(self) -> Iterator[AttemptPlan]:
+        for attempt in range(self.max_retries + 1):
+            yield self.plan(attempt)
+            if self.passed:
+                return
+
+    def record(self, plan: AttemptPlan, events: list[ByteEvent], blocked: bool | None = None) -> bool:
+        """Record an attempt's events; ``blocked`` overrides the verdict of its last event (a
+        caller that judges the whole generation at once). Returns whether it passed."""
+        if blocked is None:
+            blocked = bool(events) and events[-1].blocked
+        self.events, self.passed = list(events), not blocked
+        self.log.append(
+            {
+                "attempt": plan.attempt,
+                "strategy": plan.strategy,
+                "temperature": plan.temperature,
+                "blocked": blocked,
+                "bytes": len(events),
+                "failed": (events[-1].failed if blocked and events else {}),
+            }
+        )
+        return self.passed
+
+    def completion(self) -> Completion:
+        if not self.passed:
+            return Completion(b"", [], self.events, "content_filter", self.log)
+        data = bytes(e.byte for e in self.events)
+        return Completion(data, [b for e in self.events for b in e.bits], self.events, "length", self.log)
+
+
+def complete(
+    model: torch.nn.Module,
+    prompt: bytes,
+    max_new_bytes: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    gate: GateSettings | None = None,
+) -> Completion:
+    """A whole gated generation of one request, with retries by the gate's strategy."""
+    gate = gate or GateSettings()
+    gate.check_model(model)
+    attempts = Attempts(gate, temperature, seed)
+    for plan in attempts:
+        strategy = "diffusion" if plan.strategy == "diffusion" else "sample"
+        events = stream_bytes(model, prompt, max_new_bytes, plan.temperature, top_p, plan.seed, gate, strategy)
+        attempts.record(plan, list(events))
+    return attempts.completion()
+
+
+def parity_status(bits: list[int]) -> dict[str, Any]:
+    """Whether every generated byte passes its parity check (it always should)."""
+    if not bits:
+        return {"ok": True, "bytes": 0}
+    ok = parity_ok(bits)
+    return {"ok": bool(ok.all()), "bytes": int(ok.size), "failed_bytes": [int(i) for i in (~ok).nonzero()[0][:10]]}

@@ -1,0 +1,270 @@
+"""Inside each Ray Train worker: the model under its strategy, one ``bitlm.Trainer``, the data
+position, evaluation, and the loop that reports to Ray Train and MLflow.
+
+Every strategy trains through the same Trainer step (bitlm.trainer) and objective
+(bitlm.objectives), so every ``train.*`` setting means the same thing under each:
+
+- ``ddp``: DistributedDataParallel; each rank trains its Ray Data shard;
+- ``fsdp``: FSDP2 sharding (bitlm.distributed.wrap_fsdp); each rank trains its shard;
+- ``pipeline``: the blocks cut into one stage per rank (bitlm.distributed.make_pipeline). Each
+  rank reads its shard as the others do; every micro-batch is gathered from all ranks and runs
+  through the pipeline as one batch, so all the data trains.
+
+A step takes ``train.accum_steps`` micro-batches of ``train.batch_size`` windows per rank.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bitlm import BitTransformerLM, Trainer, evaluate
+from bitlm.config import ExperimentConfig, from_dict
+from bitlm.distributed import gather_batch, parallelize
+from bitlm.optim import configure_optimizer, optimizer_param_names
+from bitlm.scale import grow_to
+from pipelines import ray_checkpoint
+from pipelines.common import unpack_bits
+from pipelines.tracking import MetricLog
+
+LOGGED = (
+    "loss", "bpb", "parity_bpb", "K", "C", "S", "lr", "grad_norm",
+    "compressed", "direct", "noise_scale", "compress_p", "seq_bits",
+)  # fmt: skip
+
+
+def _model_config(model):
+    # Its own function: "config" beside "distributed" (or the torch.distributed module) in one
+    # function's names makes cloudpickle, which pickles this package by value, try to pickle
+    # the module torch.distributed.config.
+    return model.config
+
+
+class Worker:
+    """One training worker: the model under its strategy, the trainer, the data position."""
+
+    def __init__(self, loop_config: dict[str, Any]):
+        import ray.train
+
+        self.cfg: ExperimentConfig = from_dict(ExperimentConfig, loop_config["experiment"])
+        self.run_id = loop_config["mlflow"]["run_id"]
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(self.cfg.run.threads_per_worker)
+        torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
+        self.device = ray.train.torch.get_device()
+        self.n_bits = 9 * loop_config["window_bytes"]
+        self.strategy = self.cfg.run.strategy
+        self.multi = dist.is_initialized() and self.world > 1
+        state = ray_checkpoint.load(self.rank)
+        self.growth: dict[str, Any] | None = None
+        if state is None:
+            self.base = BitTransformerLM(config=self.cfg.model)
+        elif _model_config(state["model"]) != self.cfg.model:
+            self.base = self._grow(state["model"])  # the scaling scheduler changed the config
+        else:
+            self.base = state["model"]
+        self.base.to(self.device)
+        self.model, self.pipeline = self._parallelize()
+        self.sharded = self.strategy == "fsdp" and self.multi
+        tcfg = self.cfg.train
+        holder = self.pipeline.stage if self.pipeline is not None else self.model
+        optimizer = configure_optimizer(holder, tcfg.lr, tcfg.weight_decay)
+        rank = 0 if self.pipeline is not None else self.rank  # pipeline ranks share one plan
+        self.trainer = Trainer(
+            self.model, tcfg, optimizer, loop_config["total_steps"], pipeline=self.pipeline, rank=rank
+        )
+        self.epoch, self.batch_in_epoch, self.seconds = 0, 0, 0.0
+        self.restored = state is not None
+        if state is not None:
+            self._restore(state)
+
+    def _parallelize(self):
+        """(the module a step runs, the pipeline stage or None) for this worker's strategy."""
+        if not self.multi:
+            return self.base, None
+        return parallelize(self.base, self.strategy)
+
+    def _grow(self, old: BitTransformerLM) -> BitTransformerLM:
+        """Rebuild the checkpointed model at the config's larger size, function-preserving
+        (bitlm.scale.grow_to), and remember what changed for the logs."""
+        if self.strategy != "ddp":
+            raise ValueError(f"growing a model on restore needs run.strategy=ddp, not {self.strategy}")
+        grown, strategies = grow_to(old, self.cfg.model, generator=torch.Generator().manual_seed(self.cfg.train.seed))
+        self.growth = {"old_model": old, "old_names": optimizer_param_names(old), "strategies": strategies}
+        return grown
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        ray_checkpoint.restore_optimizer(self, state)
+        self.trainer.step = int(state["step"])
+        self.trainer.rng.set_state(state["rng"])
+        # A grown model re-warms its learning rate from here (bitlm.trainer.lr_at).
+        self.trainer.grown_at = self.trainer.step if self.growth is not None else state.get("grown_at")
+        self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
+        self.seconds = float(state["seconds"])
+
+    # -- data ------------------------------------------------------------------------------------
+
+    def steps(self, shard):
+        """The micro-batches of each optimizer step of this epoch, from where the epoch stands
+        (a resumed run skips what it already trained on); a last incomplete step is dropped."""
+        group: list[torch.Tensor] = []
+        for i, bits in enumerate(_batches(shard, self.cfg.train.batch_size, self.n_bits)):
+            if i < self.batch_in_epoch:
+                continue
+            group.append(bits)
+            if len(group) == self.cfg.train.accum_steps:
+                self.batch_in_epoch = i + 1
+                yield [self._gather(b) for b in group] if self.pipeline is not None else group
+                group = []
+
+    def _gather(self, bits: torch.Tensor) -> torch.Tensor:
+        """Every rank's micro-batch, concatenated in rank order (the pipeline's input)."""
+        return gather_batch(bits.to(self.device))
+
+    def all_reduce_max(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        if self.multi:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self, val: torch.Tensor | None) -> dict[str, float]:
+        """Validation on rank 0 (every rank calls it: gathering a sharded model is collective)."""
+        model: torch.nn.Module = self.base
+        if self.sharded or self.pipeline is not None:
+            state = ray_checkpoint.full_model_state(self)
+            if self.rank != 0:
+                return {}
+            model = BitTransformerLM(config=self.cfg.model).to(self.device)
+            model.load_state_dict(state)
+        if self.rank != 0:
+            return {}
+        tcfg = self.cfg.train
+        return evaluate(model, val, batch_size=32, max_batches=tcfg.eval_batches, amp=tcfg.amp)
+
+
+def _batches(shard, batch_size: int, n_bits: int, per_read: int = 64):
+    """Training batches (B, n_bits) from a worker's Ray Data shard. Windows are read
+    ``per_read`` batches at a time and unpacked locally: one Ray Data round trip per read, not
+    per step, which matters when two workers share two cores."""
+    for chunk in shard.iter_batches(batch_size=batch_size * per_read, batch_format="numpy"):
+        bits = torch.from_numpy(unpack_bits(chunk["bits"], n_bits)).long()
+        for j in range(0, len(bits) - batch_size + 1, batch_size):
+            yield bits[j : j + batch_size]
+
+
+def _node_ips(world: int) -> list[str]:
+    """The IP of the node each rank runs on, in rank order (a collective: every rank calls it)."""
+    import ray.util
+
+    ip = ray.util.get_node_ip_address()
+    if not dist.is_initialized() or world == 1:
+        return [ip]
+    ips: list[str] = [""] * world
+    dist.all_gather_object(ips, ip)
+    return ips
+
+
+def _validation(w: Worker) -> torch.Tensor | None:
+    import ray.train
+
+    if w.rank != 0:
+        return None
+    rows = [
+        unpack_bits(b["bits"], w.n_bits)
+        for b in ray.train.get_dataset_shard("val").iter_batches(batch_size=1024, batch_format="numpy")
+    ]
+    return torch.from_numpy(np.concatenate(rows)).long()
+
+
+def _log_growth(w: Worker, val: torch.Tensor | None, log: MetricLog | None) -> dict[str, float]:
+    """Validation bpb just before and just after a growth (equal: growth preserves the
+    function), as metrics and a tag of the MLflow run. Returns the after-growth evaluation."""
+    after = w.evaluate(val)
+    if w.rank != 0:
+        return after
+    before = evaluate(w.growth["old_model"], val, batch_size=32, max_batches=w.cfg.train.eval_batches)
+    step = w.trainer.step
+    if log is not None:
+        metrics = {"growth_val_bpb_before": before["val_bpb"], "growth_val_bpb_after": after["val_bpb"]}
+        log.log({**metrics, "model_params": w.base.num_parameters()}, step)
+        log.flush()
+        log.client.set_tag(log.run_id, f"growth_step_{step}", "+".join(w.growth["strategies"]))
+    return after
+
+
+def train_func(loop_config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function (also run by Tune trials)."""
+    import ray.train
+
+    w = Worker(loop_config)
+    cfg, tcfg = w.cfg, w.cfg.train
+    log = MetricLog(loop_config["mlflow"]["uri"], w.run_id) if w.rank == 0 else None
+    ips = _node_ips(w.world)
+    if log is not None:
+        print(f"workers on nodes {ips} (rank order)", flush=True)
+        log.client.set_tag(log.run_id, "worker_node_ips", ",".join(ips))
+        # One per worker group start: a fresh start, a --resume, or a restart after a failure.
+        log.log({"worker_group_start_step": w.trainer.step}, w.trainer.step)
+        log.flush()
+        if w.restored:
+            print(f"restored from the checkpoint at step {w.trainer.step}", flush=True)
+    val = _validation(w)
+    shard = ray.train.get_dataset_shard("train")
+    total = loop_config["total_steps"]
+    fail_marker = Path(loop_config["run_dir"]) / ".injected_failure" if cfg.run.fail_at_step else None
+    done = w.trainer.step >= total
+    last_eval: dict[str, float] = {}
+    evaluated = False
+    if w.growth is not None:
+        last_eval, evaluated = _log_growth(w, val, log), True
+    t_last, bits_since = time.perf_counter(), 0
+    while not done and w.epoch < tcfg.epochs:
+        for micro in w.steps(shard):
+            t0 = time.perf_counter()
+            progress = w.seconds / tcfg.max_seconds if tcfg.max_seconds else None
+            record = w.trainer.train_step(micro, progress)
+            step = w.trainer.step
+            w.seconds = w.all_reduce_max(w.seconds + time.perf_counter() - t0)  # every rank agrees
+            bits_since += record["bits"] * (w.world if w.pipeline is None else 1)
+            done = step >= total or (tcfg.max_seconds is not None and w.seconds >= tcfg.max_seconds)
+            metrics = {k: record[k] for k in LOGGED if k in record}
+            metrics["model_params"] = w.base.num_parameters()
+            if step % tcfg.log_every == 0 or done:
+                now = time.perf_counter()
+                metrics["throughput_bits_per_s"] = bits_since / (now - t_last)
+                t_last, bits_since = now, 0
+            reporting = step % cfg.run.checkpoint_every == 0 or step % tcfg.log_every == 0 or done
+            fresh = False
+            if (tcfg.eval_every and step % tcfg.eval_every == 0) or done or (reporting and not evaluated):
+                last_eval = w.evaluate(val)
+                evaluated = fresh = True  # on every rank alike: evaluation is collective under fsdp/pipeline
+            metrics.update(step=step, epoch=w.epoch, seconds=w.seconds)
+            if log is not None:  # MLflow gets validation metrics at the steps they were measured
+                log.log({k: v for k, v in {**metrics, **(last_eval if fresh else {})}.items() if k != "step"}, step)
+            metrics.update(last_eval)  # every Ray report carries them (Tune's schedulers rank by them)
+            if step % cfg.run.checkpoint_every == 0 or done:
+                if log is not None:
+                    log.flush()
+                ray_checkpoint.save(w, metrics)
+            elif step % tcfg.log_every == 0:
+                if log is not None:
+                    log.flush()
+                ray.train.report(metrics)
+            if fail_marker is not None and step == cfg.run.fail_at_step and w.rank == 0 and not fail_marker.exists():
+                fail_marker.write_text(str(step))  # once: the restarted run must get past it
+                raise RuntimeError(f"injected failure at step {step} (run.fail_at_step)")
+            if done:
+                break
+        else:
+            w.epoch += 1
+            w.batch_in_epoch = 0
+    if log is not None:
+        log.flush()
