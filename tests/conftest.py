@@ -34,6 +34,21 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
+# -- small data and models the library tests share ----------------------------------------------
+
+TINY = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=90, dropout=0.0)
+
+
+def learnable_windows(n: int = 64):
+    """Windows of 90 bits (10 bytes) of a short repeated phrase, at every byte offset: easy to learn."""
+    import torch
+
+    from bitlm import text_to_bits
+
+    bits = torch.tensor(text_to_bits("the cat sat on the mat. " * 20))
+    return torch.stack([bits[9 * i : 9 * i + 90] for i in range(n)])
+
+
 # -- the Serve application (shared by test_serve.py and test_playground.py) -------------------
 
 

@@ -1,22 +1,15 @@
 """FSDP2 and pipeline helpers on 2 gloo processes, checked against single-process runs."""
 
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from bitlm import BitTransformerLM, TrainConfig, Trainer, text_to_bits
 from bitlm.objectives import next_bit_loss
 
 CFG = dict(d_model=32, nhead=4, num_layers=4, dim_feedforward=64, max_seq_len=90, dropout=0.0)
 STEPS = 4
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> torch.Tensor:
@@ -69,7 +62,7 @@ def _fsdp_worker(rank, world, port, strategy, out_dir):
 
 @pytest.mark.parametrize("strategy", ["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD"])
 def test_fsdp_matches_single_process_training(strategy, tmp_path):
-    mp.spawn(_fsdp_worker, args=(2, _port(), strategy, str(tmp_path)), nprocs=2)
+    mp.spawn(_fsdp_worker, args=(2, free_port(), strategy, str(tmp_path)), nprocs=2)
     result = torch.load(tmp_path / "result.pt")
     model = _model()
     trainer = Trainer(model, TrainConfig(lr=3e-3, grad_clip=1.0))
@@ -99,7 +92,7 @@ def _pipeline_worker(rank, world, port, checkpoint, out_dir):
 
 @pytest.mark.parametrize("checkpoint", ["never", "except_last"])
 def test_pipeline_forward_backward_equals_unsplit_model(checkpoint, tmp_path):
-    mp.spawn(_pipeline_worker, args=(2, _port(), checkpoint, str(tmp_path)), nprocs=2)
+    mp.spawn(_pipeline_worker, args=(2, free_port(), checkpoint, str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     model = _model()
     data = _data()

@@ -4,27 +4,19 @@ import math
 
 import pytest
 import torch
+from conftest import TINY, learnable_windows
 
 from bitlm import (
     BitTransformerLM,
     set_dropout,
-    text_to_bits,
     train_loop,
 )
-
-TINY = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=90, dropout=0.0)
-
-
-def _learnable_windows(n=64):
-    """Windows of a short repeated phrase, at every byte offset: easy to learn."""
-    bits = torch.tensor(text_to_bits("the cat sat on the mat. " * 20))
-    return torch.stack([bits[9 * i : 9 * i + 90] for i in range(n)])
 
 
 def test_loss_goes_down_on_learnable_data():
     torch.manual_seed(0)
     model = BitTransformerLM(**TINY)
-    data = _learnable_windows()
+    data = learnable_windows()
     history = train_loop(model, data, epochs=15, batch_size=8, lr=3e-3, val_data=data[:16], eval_every=0)
     first = sum(r["loss"] for r in history.steps[:5]) / 5
     last = sum(r["loss"] for r in history.steps[-5:]) / 5
@@ -37,7 +29,7 @@ def test_loss_goes_down_on_learnable_data():
 
 def test_budget_and_callback_stop_training():
     model = BitTransformerLM(**TINY)
-    data = _learnable_windows(64)
+    data = learnable_windows(64)
     assert len(train_loop(model, data, epochs=50, batch_size=8, max_steps=7)) == 7
     calls = []
     h = train_loop(model, data, epochs=50, batch_size=8, callback=lambda r: calls.append(r) or len(calls) >= 3)
@@ -48,13 +40,13 @@ def test_amp_and_dropout_settings():
     model = BitTransformerLM(**dict(TINY, dropout=0.1))
     set_dropout(model, 0.0)
     assert model.config.dropout == 0.0 and all(b.attn.dropout == 0.0 for b in model.blocks)
-    h = train_loop(model, _learnable_windows(16), epochs=1, batch_size=8, amp=True)
+    h = train_loop(model, learnable_windows(16), epochs=1, batch_size=8, amp=True)
     assert math.isfinite(h.steps[-1]["loss"])
 
 
 def test_unknown_arguments_are_named():
     with pytest.raises(TypeError, match="lerning_rate"):
-        train_loop(BitTransformerLM(**TINY), _learnable_windows(8), lerning_rate=1)
+        train_loop(BitTransformerLM(**TINY), learnable_windows(8), lerning_rate=1)
 
 
 def test_compress_and_direct_objectives_are_drawn_and_train():
@@ -62,7 +54,7 @@ def test_compress_and_direct_objectives_are_drawn_and_train():
     model = BitTransformerLM(**TINY)
     h = train_loop(
         model,
-        _learnable_windows(),
+        learnable_windows(),
         epochs=8,
         batch_size=8,
         lr=3e-3,
@@ -80,6 +72,6 @@ def test_compress_and_direct_objectives_are_drawn_and_train():
 
 def test_sequence_length_ramp_cuts_windows():
     model = BitTransformerLM(**TINY)
-    h = train_loop(model, _learnable_windows(), epochs=3, batch_size=8, seq_ramp_start_bytes=3, seq_ramp_steps=10)
+    h = train_loop(model, learnable_windows(), epochs=3, batch_size=8, seq_ramp_start_bytes=3, seq_ramp_steps=10)
     lengths = [r["seq_bits"] for r in h.steps]
     assert lengths[0] == 27 and lengths[-1] == 90 and lengths == sorted(lengths)

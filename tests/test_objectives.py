@@ -2,17 +2,10 @@
 
 import pytest
 import torch
+from conftest import TINY, learnable_windows
 
 from bitlm import BitTransformerLM, TrainConfig, bits_per_byte, text_to_bits
 from bitlm.objectives import BitObjective, compressed_batch, evaluate, next_bit_loss
-
-TINY = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=90, dropout=0.0)
-
-
-def _learnable_windows(n=64):
-    """Windows of a short repeated phrase, at every byte offset: easy to learn."""
-    bits = torch.tensor(text_to_bits("the cat sat on the mat. " * 20))
-    return torch.stack([bits[9 * i : 9 * i + 90] for i in range(n)])
 
 
 def _loss(model, cfg, batch, step=0):
@@ -36,7 +29,7 @@ def test_bits_per_byte_counts_data_and_parity_apart():
 def test_plain_objective_is_the_next_bit_loss_and_reports_bpb():
     torch.manual_seed(0)
     model = BitTransformerLM(**TINY)
-    batch = _learnable_windows(8)
+    batch = learnable_windows(8)
     loss, stats = _loss(model, TrainConfig(), batch)
     logits, _ = model(batch)
     assert loss.item() == pytest.approx(next_bit_loss(logits, batch).item(), abs=1e-6)
@@ -46,7 +39,7 @@ def test_plain_objective_is_the_next_bit_loss_and_reports_bpb():
 
 def test_regularizers_change_the_gradient():
     torch.manual_seed(0)
-    data = _learnable_windows(8)
+    data = learnable_windows(8)
     grads = []
     for lam in (0.0, 0.5):
         torch.manual_seed(0)
@@ -69,7 +62,7 @@ def test_compressed_form_is_the_rle_stream_with_a_mask():
 def test_direct_prediction_ignores_parity_positions():
     torch.manual_seed(0)
     model = BitTransformerLM(**TINY)
-    batch = _learnable_windows(8)
+    batch = learnable_windows(8)
     other = batch.clone()
     other[:, 89] ^= 1  # the last bit is a parity target (phase 8) that no later position reads
     direct = TrainConfig(direct_prob=1.0)
@@ -82,8 +75,8 @@ def test_denoising_scores_each_position_against_the_clean_bit():
     torch.manual_seed(0)
     model = BitTransformerLM(**TINY)
     objective = BitObjective(TrainConfig(diffusion=True), model.config)
-    plan = objective.plan(_learnable_windows(8), step=0)
-    assert not plan.causal and torch.equal(plan.targets, _learnable_windows(8))
+    plan = objective.plan(learnable_windows(8), step=0)
+    assert not plan.causal and torch.equal(plan.targets, learnable_windows(8))
     assert 0 < (plan.inputs != plan.targets).float().mean() < 0.5  # corrupted, not replaced
     logits, telemetry = model(plan.inputs, causal=False)
     loss, stats = objective.loss(logits, telemetry, plan)
@@ -99,7 +92,7 @@ def test_diffusion_is_refused_for_byte_patch_by_name():
 def test_draws_follow_the_generator_so_a_resumed_run_repeats_them():
     cfg = TrainConfig(compress_prob=0.5, direct_prob=0.5)
     model = BitTransformerLM(**TINY)
-    batch = _learnable_windows(4)
+    batch = learnable_windows(4)
     a = BitObjective(cfg, model.config, generator=torch.Generator().manual_seed(3))
     first = [a.plan(batch, s).stats for s in range(10)]
     b = BitObjective(cfg, model.config, generator=torch.Generator().manual_seed(3))
@@ -110,7 +103,7 @@ def test_draws_follow_the_generator_so_a_resumed_run_repeats_them():
 def test_evaluate_matches_bits_per_byte_and_spreads_partial_evaluations():
     torch.manual_seed(0)
     model = BitTransformerLM(**TINY).eval()
-    data = _learnable_windows(12)
+    data = learnable_windows(12)
     out = evaluate(model, data, batch_size=5)
     logits, _ = model(data)
     assert out["val_bpb"] == pytest.approx(bits_per_byte(logits, data)["bpb"], rel=1e-5)

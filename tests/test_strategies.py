@@ -10,11 +10,11 @@ config is loaded; the refusals are tested at the end.
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from bitlm import BitTransformerLM, ConfigError, TrainConfig, Trainer, load_config, text_to_bits
 from bitlm.config import ModelConfig, apply_overrides
@@ -116,19 +116,13 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str]], out_
     os._exit(0)  # gloo's threads can abort a normal interpreter exit after the work is saved
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Every (setting, strategy) case, trained on 2 processes in one spawn."""
     out = tmp_path_factory.mktemp("strategies")
     cases = [(name, s) for name, (_, _, strategies) in CASES.items() for s in strategies]
     cases += [("diffusion", s) for s in STOCHASTIC["diffusion"]]
-    mp.spawn(_worker, args=(2, _port(), cases, str(out)), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), cases, str(out)), nprocs=2)
     return torch.load(out / "results.pt", weights_only=False)
 
 

@@ -2,16 +2,10 @@
 
 import pytest
 import torch
+from conftest import TINY, learnable_windows
 
-from bitlm import BitTransformerLM, TrainConfig, configure_optimizer, text_to_bits
+from bitlm import BitTransformerLM, TrainConfig, configure_optimizer
 from bitlm.trainer import Trainer, clip_gradients, lr_at
-
-TINY = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=90, dropout=0.0)
-
-
-def _learnable_windows(n=64):
-    bits = torch.tensor(text_to_bits("the cat sat on the mat. " * 20))
-    return torch.stack([bits[9 * i : 9 * i + 90] for i in range(n)])
 
 
 def _pair():
@@ -53,7 +47,7 @@ def test_lr_rewarms_after_a_growth():
 
 def test_accumulation_matches_one_big_batch():
     torch.manual_seed(0)
-    data = _learnable_windows(16)
+    data = learnable_windows(16)
     a = BitTransformerLM(**TINY)
     b = BitTransformerLM(**TINY)
     b.load_state_dict(a.state_dict())
@@ -66,7 +60,7 @@ def test_accumulation_matches_one_big_batch():
 
 
 def test_clipping_bounds_the_update_by_the_global_norm():
-    data = _learnable_windows(8)
+    data = learnable_windows(8)
     a, b = _pair()
     Trainer(a, TrainConfig(lr=1e-2, grad_clip=0.0)).train_step([data])
     record = Trainer(b, TrainConfig(lr=1e-2, grad_clip=1e-3)).train_step([data])
@@ -80,7 +74,7 @@ def test_clipping_bounds_the_update_by_the_global_norm():
 
 
 def test_amp_changes_the_arithmetic_but_not_the_step():
-    data = _learnable_windows(8)
+    data = learnable_windows(8)
     a, b = _pair()
     ra = Trainer(a, TrainConfig(lr=1e-3)).train_step([data])
     rb = Trainer(b, TrainConfig(lr=1e-3, amp=True)).train_step([data])
@@ -88,7 +82,7 @@ def test_amp_changes_the_arithmetic_but_not_the_step():
 
 
 def test_state_dict_resumes_the_same_steps():
-    data = _learnable_windows(16)
+    data = learnable_windows(16)
     cfg = TrainConfig(lr=1e-2, compress_prob=0.5, direct_prob=0.5)
     a, b = _pair()
     ta = Trainer(a, cfg)
