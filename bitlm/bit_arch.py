@@ -41,7 +41,7 @@ class BitIO(nn.Module):
             self.bit_emb = nn.Embedding(2, cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 2)
 
-    def embed(self, bits: torch.Tensor, cache):
+    def embed(self, bits: torch.Tensor, cache, causal: bool = True):
         start = cache.length if cache is not None else 0
         if not self.prefix:
             return self.bit_emb(bits), start
@@ -59,7 +59,7 @@ class BitIO(nn.Module):
         x = self.node_emb(node[:, -T:]) + self.prev_emb(prev[:, -T:])
         return x, start
 
-    def logits(self, h: torch.Tensor, bits: torch.Tensor, cache) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, bits: torch.Tensor, cache, causal: bool = True) -> torch.Tensor:
         return self.head(h)
 
 

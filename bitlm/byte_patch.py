@@ -27,6 +27,13 @@ bytes instead of one per bit, and the bits are decoded locally:
   for the correct bit (logits 0 and -1e4), so it costs 0 bits and generation always passes
   the parity check.
 
+Denoising (``causal=False``, diffusion mode): the input is a noisy window and position k of the
+global model embeds patch k itself (no start vector), attention sees the whole window, and the
+local decoder's byte distribution q of byte j (from h_k and the earlier bytes of its patch, as
+read) gives each bit's *marginal*, ``P(bit i = 1) = sum of q over bytes with bit i set`` (and
+the parity bit's, over bytes of odd weight): ``logits[:, t]`` is the belief about the clean
+bit t itself, as for ``arch="bit"``.
+
 Causality: the logit at bit position t (predicting bit t+1) uses only bits <= t: h for the
 patch holding bit t+1 sees earlier patches, the local context sees earlier bytes of the patch,
 and the tree node uses the earlier bits of the byte. Incremental decoding keeps the global KV
@@ -77,9 +84,13 @@ class BytePatchIO(nn.Module):
 
     # -- input ------------------------------------------------------------------------------
 
-    def embed(self, bits: torch.Tensor, cache):
+    def embed(self, bits: torch.Tensor, cache, causal: bool = True):
         """Global inputs for the patch positions that ``bits`` makes computable."""
         B = bits.size(0)
+        if not causal:  # every patch of the (noisy) window, the last one padded
+            n = -(-bits.size(1) // self.patch_bits)
+            values = _byte_values(F.pad(bits, (0, n * self.patch_bits - bits.size(1)))).view(B, n, self.P)
+            return self.byte_emb(values + 256 * torch.arange(self.P, device=bits.device)).sum(2), 0
         if cache is None:
             ctx, start = bits, 0
         else:
@@ -102,8 +113,11 @@ class BytePatchIO(nn.Module):
 
     # -- output -----------------------------------------------------------------------------
 
-    def logits(self, h: torch.Tensor, bits: torch.Tensor, cache) -> torch.Tensor:
-        """Next-bit logits (B, T, 2) for the new bits, from global outputs ``h``."""
+    def logits(self, h: torch.Tensor, bits: torch.Tensor, cache, causal: bool = True) -> torch.Tensor:
+        """Next-bit logits (B, T, 2) for the new bits, from global outputs ``h`` (denoising:
+        each bit's marginal, see the module docstring)."""
+        if not causal:
+            return self._marginal_logits(h, bits)
         if cache is None:
             return self._local_logits(h, bits)
         ctx = cache.state.pop("ctx")
@@ -143,6 +157,34 @@ class BytePatchIO(nn.Module):
         fixed = torch.stack([-PARITY_LOGIT * parity, -PARITY_LOGIT * (1 - parity)], -1)
         return torch.where(data[None, :, None], out, fixed)
 
+    def _byte_log_probs(self, c: torch.Tensor) -> torch.Tensor:
+        """log q (..., 256): the local decoder's byte distribution at contexts c (..., C)."""
+        if self.local_decoder != "tree":
+            return F.log_softmax(self.byte_head(c).float(), -1)
+        z = self.tree(c).float()  # (..., 255) node logits: log-odds of bit = 1 at the node
+        nodes, ones = _TREE_NODES.to(c.device), _TREE_BITS.to(c.device)  # (256, 8)
+        zz = z[..., nodes]  # (..., 256, 8)
+        return torch.where(ones, F.logsigmoid(zz), F.logsigmoid(-zz)).sum(-1)
+
+    def _marginal_logits(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        B, T = bits.shape
+        n_bytes = -(-T // 9)
+        values = _byte_values(F.pad(bits, (0, 9 * n_bytes - T)))  # the noisy bytes as read
+        c = h[:, torch.arange(n_bytes, device=bits.device) // self.P]
+        if self.P > 1:
+            c = c + self._patch_context(values)
+        logq = self._byte_log_probs(c)  # (B, n, 256)
+        masses = _subtree_log_masses(logq)  # depth d's nodes at 2^d - 2, in value order
+        ones = [
+            torch.logsumexp(masses[..., (1 << (d + 1)) - 2 :][..., : 1 << (d + 1)][..., 1::2], -1) for d in range(8)
+        ]
+        log1 = torch.stack(ones, -1)  # (B, n, 8) log P(bit d = 1)
+        log0 = torch.log1p(-log1.exp().clamp(max=1 - 1e-6))
+        odd = torch.logsumexp(logq.masked_fill(~_ODD.to(bits.device), float("-inf")), -1)
+        log1 = torch.cat([log1, odd[..., None]], -1)
+        log0 = torch.cat([log0, torch.log1p(-odd.exp().clamp(max=1 - 1e-6))[..., None]], -1)
+        return torch.stack([log0, log1], -1).view(B, 9 * n_bytes, 2)[:, :T]
+
     def _patch_context(self, values: torch.Tensor) -> torch.Tensor:
         """Local context (B, n_bytes, C): byte j of a patch sees bytes 0..j-1 of its patch."""
         B, n = values.shape
@@ -154,6 +196,13 @@ class BytePatchIO(nn.Module):
         before = before.view(B, -1, e.size(-1))[:, :n]
         x = self.ln_local(before + self.local_pos_emb(j))
         return x + self.local_proj(F.gelu(self.local_fc(x)))
+
+
+_VALUES = torch.arange(256)
+_DEPTH = torch.arange(8)
+_TREE_NODES = (1 << _DEPTH) - 1 + (_VALUES[:, None] >> (8 - _DEPTH))  # (256, 8) node at each depth
+_TREE_BITS = ((_VALUES[:, None] >> (7 - _DEPTH)) & 1).bool()  # (256, 8) the bit taken there
+_ODD = _TREE_BITS.sum(-1) % 2 == 1  # bytes whose even-parity bit is 1
 
 
 def _subtree_log_masses(logq: torch.Tensor) -> torch.Tensor:

@@ -33,11 +33,15 @@ def write_checkpoint(
     config: ModelConfig,
     state_dict: dict[str, torch.Tensor],
     extra: dict[str, Any] | None = None,
+    carried: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a model's config and weights to ``directory`` (created if needed)."""
+    """Write a model's config and weights to ``directory`` (created if needed). ``carried``:
+    what the model carries besides its weights (JSON-able; tensors go in ``state_dict`` under
+    names starting with ``_``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "model": to_dict(config), "extra": extra or {}}
+    meta["carried"] = carried or {}
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     save_file(weights, str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -66,8 +70,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 def read_checkpoint(
     directory: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    """The model config, the weights and the ``extra`` dict of a checkpoint directory. Whether
-    the weights fit the config is for the model to check (bitlm.model.load_pretrained)."""
+    """The model config, the tensors and the whole ``config.json`` of a checkpoint directory.
+    Whether the tensors fit the config is for the model to check (bitlm.model.load_pretrained)."""
     directory = Path(directory)
     config = read_config(directory)
     try:
@@ -81,7 +85,7 @@ def read_checkpoint(
         weights = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
-    return model_cfg, weights, config.get("extra") or {}
+    return model_cfg, weights, config
 
 
 def save_training_state(directory: str | Path, state: dict[str, Any]) -> None:

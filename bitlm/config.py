@@ -99,6 +99,7 @@ class TrainConfig:
     compress_warmup: int = 0
     direct_prob: float = 0.0
     diffusion: bool = False
+    diffusion_prob: float = 0.5  # with diffusion: the share of micro-batches trained to denoise
     diffusion_curriculum: bool = False
     diffusion_steps: int = 8
     noise_schedule: str = "linear"
@@ -119,7 +120,7 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.noise_schedule not in ("linear", "cosine", "exp"):
             raise ConfigError(f"train.noise_schedule must be linear, cosine or exp, got {self.noise_schedule!r}")
-        for name in ("compress_prob", "direct_prob"):
+        for name in ("compress_prob", "direct_prob", "diffusion_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
         bad = [s for s in self.scale_strategies if s not in ("depth", "width", "context")]
@@ -205,13 +206,6 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunSettings = field(default_factory=RunSettings)
-
-    def __post_init__(self) -> None:
-        if self.train.diffusion and self.model.arch != "bit":
-            raise ConfigError(
-                f"train.diffusion needs model.arch: bit (denoising reads the whole window; "
-                f"arch {self.model.arch!r} has no bidirectional mode)"
-            )
 
     def check_platform(self) -> None:
         """Refuse, naming the setting and the strategy, what the platform's training path

@@ -148,7 +148,7 @@ class _Stage(nn.Module):
     def __init__(self, model, start: int, end: int, first: bool, last: bool, use_checkpoint: bool):
         super().__init__()
         self.first, self.last, self.use_checkpoint = first, last, use_checkpoint
-        self.causal, self.amp = True, model.config.use_autocast
+        self.causal, self.amp = True, False  # set by PipelineModel.run
         self.io = model.io  # first stage: embeddings; last stage: the output head
         self.pos_emb = model.pos_emb if first else None
         self.drop = model.drop if first else None
@@ -159,7 +159,7 @@ class _Stage(nn.Module):
         device = x.device.type
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.amp):
             if self.first:
-                x, _ = self.io.embed(x, None)
+                x, _ = self.io.embed(x, None, self.causal)
                 x = self.drop(x + self.pos_emb(torch.arange(x.size(1), device=x.device)))
             for block in self.blocks:
                 if self.use_checkpoint and self.training:
@@ -185,10 +185,10 @@ class PipelineModel:
     objective, one call; it returns the mean loss. Step the optimizer over ``parameters()``.
     """
 
-    def __init__(self, stage: _Stage, schedule, rank: int, world_size: int, config, first_block: int = 0):
+    def __init__(self, stage: _Stage, schedule, rank: int, world_size: int, base, first_block: int = 0):
         self.stage, self.schedule, self.rank, self.world_size = stage, schedule, rank, world_size
-        self.first_block = first_block
-        self.config, self.group = config, dist.group.WORLD
+        self.first_block, self.base = first_block, base  # base: the whole (unsplit) model
+        self.config, self.group = base.config, dist.group.WORLD
         self.micro_stats: list[dict] = []
         self.last_stats: dict[str, float] = {}
         self.current: tuple | None = None  # (objective, plan, scale) of the running step
@@ -202,7 +202,8 @@ class PipelineModel:
 
     def run(self, objective, plan: Plan, scale: float = 1.0, amp: bool = False) -> dict:
         self.stage.train()
-        self.stage.causal, self.stage.amp = plan.causal, amp or self.config.use_autocast
+        on_cpu = next(self.stage.parameters()).device.type == "cpu"  # use_autocast is CPU bf16 only
+        self.stage.causal, self.stage.amp = plan.causal, amp or (self.config.use_autocast and on_cpu)
         self.current = (objective, plan, scale)
         mask = plan.mask if plan.mask is not None else torch.ones_like(plan.targets, dtype=torch.bool)
         packed = torch.stack([plan.inputs, plan.targets, mask.long()], 1)  # (B, 3, T): what the loss needs
@@ -304,15 +305,15 @@ def make_pipeline(
         objective, plan, scale = pipeline.current
         inputs, targets, mask = packed[:, 0], packed[:, 1], packed[:, 2].bool()
         with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=stage_module.amp):
-            logits = stage_module.io.logits(h, inputs, None).float()
-        telemetry = logit_telemetry(logits, inputs, 0, plan.causal, grad)
+            logits = stage_module.io.logits(h, inputs, None, plan.causal).float()
+        telemetry = logit_telemetry(logits, inputs, 0, plan.causal, grad, model.reference)
         micro = Plan(inputs, targets, mask if plan.mask is not None else None, plan.causal, plan.stats)
         loss, stats = objective.loss(logits, telemetry, micro)
         pipeline.micro_stats.append(stats)
         return loss * (scale / n_micro)  # the schedule sums micro-batch gradients (scale_grads=False)
 
     schedule = ScheduleGPipe(stage, n_micro, loss_fn=loss_fn, scale_grads=False)
-    pipeline = PipelineModel(stage_module, schedule, rank, world, config, start)
+    pipeline = PipelineModel(stage_module, schedule, rank, world, model, start)
     return pipeline
 
 

@@ -69,8 +69,8 @@ class _Loop:
         self.start = time.perf_counter()
         self.rule = None
         if cfg.scale_patience is not None:
-            if unwrap(model) is not model:
-                raise ValueError("train_loop(scale_patience=...) grows a plain model; it got a wrapped one (DDP)")
+            if unwrap(model) is not model or hasattr(model, "set_requires_gradient_sync"):
+                raise ValueError("train_loop(scale_patience=...) grows a plain model; it got a wrapped one (DDP/FSDP)")
             self.rule = PlateauRule(cfg.scale_patience, cfg.scale_min_delta, cfg.scale_strategies, cfg.scale_max_params)
         self.eval_every = cfg.eval_every or (self.steps_per_epoch if cfg.scale_patience else 0)
         self.losses: list[float] = []  # training losses since the last evaluation

@@ -26,6 +26,7 @@ from .bit_arch import BitIO
 from .byte_patch import BytePatchIO
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .config import ModelConfig
+from .reference import Reference
 from .reversible import reversible_stack
 from .telemetry import logit_telemetry
 
@@ -190,6 +191,10 @@ class BitTransformerLM(nn.Module):
             config = ModelConfig(**{**asdict(config), **kwargs})
         self.config = config
         cfg = config
+        # What the model carries besides its weights (saved with them): the reference S judges
+        # text against, recorded from the data it trains on, and the modes it was trained in.
+        self.reference = Reference()
+        self.trained_modes: set[str] = set()
         self.io: nn.Module = BytePatchIO(cfg) if cfg.arch == "byte_patch" else BitIO(cfg)
         self.pos_emb = nn.Embedding(self.io.max_positions, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
@@ -254,14 +259,14 @@ class BitTransformerLM(nn.Module):
         ``telemetry=False`` skips K/C/S (an empty dict is returned): the decoding loop's fast path.
         """
         bits = _check_bits(bits)
-        if not causal and (cache is not None or self.config.arch != "bit"):
-            raise ValueError("diffusion mode (causal=False) needs arch='bit' and no KV cache")
+        if not causal and cache is not None:
+            raise ValueError("diffusion mode (causal=False) reads the whole window: it takes no KV cache")
         need_weights = self.config.full_attn_logging if return_attention is None else return_attention
         # use_autocast turns CPU bf16 on; off, it leaves a caller's autocast (amp) alone: a
         # nested autocast(enabled=False) would switch the caller's off.
         on_cpu = self.config.use_autocast and bits.device.type == "cpu"
         with torch.autocast("cpu", dtype=torch.bfloat16) if on_cpu else contextlib.nullcontext():
-            x, start = self.io.embed(bits, cache)  # (B, P, C), first position's index
+            x, start = self.io.embed(bits, cache, causal)  # (B, P, C), first position's index
             if start + x.size(1) > self.pos_emb.num_embeddings:
                 raise ValueError(
                     f"sequence needs {start + x.size(1)} positions but max_seq_len allows "
@@ -275,7 +280,7 @@ class BitTransformerLM(nn.Module):
                 h = self.ln_f(h)
             else:  # byte_patch: the new bits complete no patch, the local decoder alone answers
                 h, acts, atts = x, [], []
-            logits = self.io.logits(h, bits, cache).float()  # (B, T, 2)
+            logits = self.io.logits(h, bits, cache, causal).float()  # (B, T, 2)
         offset = 0
         if cache is not None:
             cache.length += x.size(1)
@@ -286,7 +291,7 @@ class BitTransformerLM(nn.Module):
         cfg = self.config
         grad = (cfg.lambda_K > 0, cfg.lambda_C > 0, cfg.lambda_S > 0)
         return logits, {
-            **logit_telemetry(logits, bits, offset, causal, grad),
+            **logit_telemetry(logits, bits, offset, causal, grad, self.reference),
             "activations": acts,
             "attention_maps": atts,
         }
@@ -352,6 +357,9 @@ def set_dropout(model: nn.Module, p: float) -> None:
                 block.attn.dropout = p
 
 
+REFERENCE_KEY = "_reference.counts"  # the reference's counts, beside the weights
+
+
 def save_pretrained(
     model: nn.Module,
     directory,
@@ -363,15 +371,22 @@ def save_pretrained(
     ``state_dict`` overrides the weights written, e.g. the gathered full state of a sharded
     model (bitlm.distributed.full_state_dict)."""
     model = unwrap(model)
-    return write_checkpoint(directory, model.config, model.state_dict() if state_dict is None else state_dict, extra)
+    tensors = {**(model.state_dict() if state_dict is None else state_dict), REFERENCE_KEY: model.reference.counts}
+    carried = {"trained_modes": sorted(model.trained_modes), "reference_bytes": model.reference.recorded_bytes}
+    return write_checkpoint(directory, model.config, tensors, extra, carried)
 
 
 def load_pretrained(directory, map_location: str | torch.device = "cpu") -> BitTransformerLM:
     """Build a BitTransformerLM from a checkpoint directory written by save_pretrained; a
     directory that is not one, or whose weights do not fit its config, raises CheckpointError."""
-    config, weights, _ = read_checkpoint(directory, map_location)
+    config, weights, meta = read_checkpoint(directory, map_location)
     weights_path = f"{directory}/model.safetensors"
     model = BitTransformerLM(config=config)
+    counts = weights.pop(REFERENCE_KEY, None)
+    if counts is not None:
+        model.reference = Reference(counts.cpu())
+    # Checkpoints from before modes were recorded were trained causally.
+    model.trained_modes = set(meta.get("carried", {}).get("trained_modes", ["causal"]))
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))

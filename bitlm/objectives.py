@@ -26,10 +26,12 @@ trains is drawn from the config with the trainer's seeded generator:
   reads that stream and predicts its next bit; padding past a short stream carries no loss;
 - with probability ``direct_prob``, *direct bit prediction*: the loss is taken on the data bits
   only, the parity positions carry none, which is exactly what generation samples;
-- with ``diffusion``, denoising (bitlm.diffusion) instead of next-bit prediction: the window is
-  corrupted at a noise level drawn from ``noise_schedule`` (scaled down over training with
-  ``diffusion_curriculum``), the model reads it with ``causal=False``, and ``logits[:, t]`` is
-  scored against the clean bit t. Compression and direct apply to it the same way.
+- with ``diffusion``, with probability ``diffusion_prob``, denoising (bitlm.diffusion) instead
+  of next-bit prediction: the window is corrupted at a noise level drawn from
+  ``noise_schedule`` (scaled down over training with ``diffusion_curriculum``), the model reads
+  it with ``causal=False``, and ``logits[:, t]`` is scored against the clean bit t. Compression
+  and direct apply to it the same way. One model learns both modes (``diffusion_prob`` 1: only
+  denoising), so its causal sampling and its diffusion retry share a checkpoint.
 
 With ``seq_ramp_start_bytes`` and ``seq_ramp_steps`` the windows are first cut to
 ``sequence_length(step, ...)`` bits (short windows early, the full context later). bpb and
@@ -176,11 +178,6 @@ class BitObjective:
         generator: torch.Generator | None = None,
         rank: int = 0,
     ):
-        if cfg.diffusion and model_config.arch != "bit":
-            raise ValueError(
-                f"train.diffusion needs model.arch='bit' (denoising reads the whole window; "
-                f"arch={model_config.arch!r} has no bidirectional mode)"
-            )
         self.cfg, self.model_config, self.total_steps, self.rank = cfg, model_config, total_steps, rank
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
 
@@ -195,20 +192,21 @@ class BitObjective:
         compress_p = compress_probability(step, cfg.compress_prob, cfg.compress_warmup)
         compressed, direct = self._draw(compress_p), self._draw(cfg.direct_prob)
         stats = {"compressed": float(compressed), "direct": float(direct), "compress_p": compress_p, "seq_bits": T}
+        stats["denoise"] = 0.0
         mask = None
         if compressed:
             batch, mask = compressed_batch(batch)
         if direct:
             data = data_bit_mask(T, batch.device).expand(B, T)
             mask = data if mask is None else mask & data
-        if not cfg.diffusion:
+        if not (cfg.diffusion and self._draw(cfg.diffusion_prob)):
             return Plan(batch, batch, mask, True, stats)
         scale = diffusion_noise_scale(step, self.total_steps) if cfg.diffusion_curriculum else 1.0
         levels = diffusion_levels(B, cfg.noise_schedule, scale, self.generator)
         # Noise is drawn on the batch's device from a seed the CPU generator gives.
         seed = int(torch.randint(0, 2**62, (), generator=self.generator)) + self.rank
         noise = torch.Generator(device=batch.device).manual_seed(seed)
-        stats["noise_scale"] = scale
+        stats["noise_scale"], stats["denoise"] = scale, 1.0
         return Plan(corrupt(batch, levels.to(batch.device), noise), batch, mask, False, stats)
 
     def loss(self, logits: torch.Tensor, telemetry: dict[str, Any], plan: Plan) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -52,6 +52,9 @@ def remap_optimizer_state(
     for name in optimizer_param_names(new_model):
         entry = old_state["state"].get(old_index.get(name, -1))
         if entry is not None and entry["exp_avg"].shape == params[name].shape:
-            optimizer.state[params[name]] = {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+            device = params[name].device  # the saved state may come from another device (a CPU load)
+            optimizer.state[params[name]] = {
+                k: v.to(device).clone() if torch.is_tensor(v) else v for k, v in entry.items()
+            }
             carried += 1
     return carried

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from .bits import bits_to_bytes
 from .gated import (
     Attempts,
     GateSettings,
     SafetyError,
     SafetyGate,
     blocked_message,
+    diffusion_capacity,
     stream_bytes,
 )
 from .telemetry import RunningTelemetry, telemetry_summary
@@ -86,9 +86,9 @@ def assess_generation(new_bits: torch.Tensor, logits: torch.Tensor, c_floor: flo
     them, judged on the telemetry of all of it (bitlm.telemetry.RunningTelemetry)."""
     bits, logits = torch.as_tensor(new_bits).reshape(-1, 9), torch.as_tensor(logits).reshape(-1, 9, 2)
     running = RunningTelemetry(1)
+    k = c = s = [float("nan")]
     for i in range(len(bits)):
-        running.update(bits[i : i + 1], logits[i : i + 1])
-    k, c, s = running.totals()
+        k, c, s = running.update(bits[i : i + 1], logits[i : i + 1])
     failed = _failed(c[0], s[0], c_floor, s_floor)
     return GateReport(K=k[0], C=c[0], S=s[0], passed=not failed, failed=failed)
 
@@ -114,27 +114,31 @@ def safe_sample_with_retry(
     ``K, C, S``, ``gate`` and ``attempts``); raises :class:`SafetyError` when every attempt is
     blocked.
     """
-    # The verdict is taken once, on the running telemetry at the last byte (the whole
-    # generation's); the per-byte gate stays in burn-in so it never cuts an attempt short.
+    # The verdict is taken once, on the telemetry of the whole generation (its last byte's);
+    # the per-byte gate stays in burn-in so it never cuts an attempt short.
     gate = GateSettings(c_floor, s_floor, 0.0, max_new_bytes, max_retries, retry_strategy)
     gate.check_model(model)
-    prompt = torch.as_tensor(bits).long().reshape(1, -1)
-    prompt_bytes = bits_to_bytes(prompt[0])
+    if retry_strategy == "diffusion" and max_retries and max_new_bytes > diffusion_capacity(model):
+        raise ValueError(
+            f"{max_new_bytes} new bytes do not fit one denoising pass of this model "
+            f"(at most {diffusion_capacity(model)}): lower max_new_bytes or retry by temperature"
+        )
+    device = next(model.parameters()).device
+    prompt = torch.as_tensor(bits).long().reshape(1, -1).to(device)
     attempts = Attempts(gate, temperature, seed)
     reports: list[dict[str, Any]] = []
     for plan in attempts:
         strategy = "diffusion" if plan.strategy == "diffusion" else "sample"
-        events = list(
-            stream_bytes(model, prompt_bytes, max_new_bytes, plan.temperature, top_p, plan.seed, gate, strategy)
-        )
-        last = events[-1]
-        failed = _failed(last.C, last.S_total, c_floor, s_floor)
-        report = GateReport(last.K_total, last.C, last.S_total, not failed, failed, plan.strategy, plan.attempt)
+        events = list(stream_bytes(model, prompt, max_new_bytes, plan.temperature, top_p, plan.seed, gate, strategy))
+        nan = float("nan")
+        K, C, S = (events[-1].K, events[-1].C, events[-1].S) if events else (nan, nan, nan)
+        failed = _failed(C, S, c_floor, s_floor) if events else {}  # nothing generated: nothing to judge
+        report = GateReport(K, C, S, not failed, failed, plan.strategy, plan.attempt)
         attempts.record(plan, events, blocked=not report.passed)
         reports.append(report.as_dict())
         if report.passed:
-            new = torch.tensor([b for e in events for b in e.bits], dtype=torch.long)[None]
-            out = torch.cat([prompt, new.to(prompt.device)], 1)
+            new = torch.tensor([b for e in events for b in e.bits], dtype=torch.long, device=device)[None]
+            out = torch.cat([prompt, new], 1)
             return out, {"K": report.K, "C": report.C, "S": report.S, "gate": report.as_dict(), "attempts": reports}
     last = reports[-1]
     raise SafetyError(

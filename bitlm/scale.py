@@ -64,6 +64,7 @@ def expand_model(
 
 def _new_model(model: BitTransformerLM, **changes) -> BitTransformerLM:
     new = BitTransformerLM(config=replace(model.config, **changes))
+    new.reference, new.trained_modes = model.reference, set(model.trained_modes)  # what it carries
     return new.to(next(model.parameters()).device)
 
 

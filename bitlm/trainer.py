@@ -147,9 +147,9 @@ class Trainer:
         self.step = 0
         self.grown_at: int | None = None
         self.rng = torch.Generator().manual_seed(cfg.seed)
+        self.base = pipeline.base if pipeline is not None else unwrap(model)  # the BitTransformerLM
         if objective is None:
-            config = pipeline.config if pipeline is not None else unwrap(model).config
-            objective = BitObjective(cfg, config, total_steps, self.rng, rank)
+            objective = BitObjective(cfg, self.base.config, total_steps, self.rng, rank)
         elif hasattr(objective, "generator"):
             objective.generator = self.rng
         self.objective = objective
@@ -187,10 +187,22 @@ class Trainer:
         return {**record, "step": self.step, "lr": lr, "bits": n_bits, "grad_norm": grad_norm}
 
     def _micro_step(self, batch: torch.Tensor, scale: float) -> dict[str, Any]:
+        amp = torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp)
+        if not isinstance(self.objective, BitObjective):
+            with amp:
+                loss, stats = self.objective(self.forward, batch, self.step)
+            (loss * scale).backward()
+            return stats
+        # What the model carries from its training: the reference its S judges text against
+        # (the clean data) and the modes it learned (bitlm.reference, bitlm.gated).
+        self.base.reference.observe(batch)
+        plan = self.objective.plan(batch, self.step)
+        self.base.trained_modes.add("causal" if plan.causal else "denoise")
         if self.pipeline is not None:
-            return self.pipeline.run(self.objective, self.objective.plan(batch, self.step), scale, self.cfg.amp)
-        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
-            loss, stats = self.objective(self.forward, batch, self.step)
+            return self.pipeline.run(self.objective, plan, scale, self.cfg.amp)
+        with amp:
+            logits, telemetry = self.forward(plan.inputs, causal=plan.causal)
+            loss, stats = self.objective.loss(logits, telemetry, plan)
         (loss * scale).backward()
         return stats
 

@@ -190,7 +190,8 @@ def _log_growth(w: Worker, val: torch.Tensor | None, log: MetricLog | None) -> d
     after = w.evaluate(val)
     if w.rank != 0:
         return after
-    before = evaluate(w.growth["old_model"], val, batch_size=32, max_batches=w.cfg.train.eval_batches)
+    tcfg = w.cfg.train  # the same evaluation as the grown model's (device, amp)
+    before = evaluate(w.growth["old_model"].to(w.device), val, 32, tcfg.eval_batches, tcfg.amp)
     step = w.trainer.step
     if log is not None:
         metrics = {"growth_val_bpb_before": before["val_bpb"], "growth_val_bpb_after": after["val_bpb"]}

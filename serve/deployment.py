@@ -95,9 +95,11 @@ class BitLMModel:
         """One decoding loop for all the attempts of a batch: those with the same strategy and
         prompt length share forward passes; the others run side by side, step by step."""
         self.batch_sizes.append(len(requests))
-        groups: dict[tuple[str, int], list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r["strategy"], len(r["prompt"])), []).append(i)
+        groups: dict[tuple[str, int, int], list[int]] = {}
+        for i, r in enumerate(requests):  # a denoising attempt runs alone: its seed is its own
+            groups.setdefault((r["strategy"], len(r["prompt"]), i if r["strategy"] == "diffusion" else -1), []).append(
+                i
+            )
         iterators = {
             key: stream_batch(
                 self.model,

@@ -79,8 +79,13 @@ def checkpoints(tmp_path_factory):
         arch="byte_patch",
         patch_bytes=2,
     )
-    stream = torch.tensor(text_to_bits("The quick brown fox jumps over the lazy dog. " * 40))
-    train_loop(model, torch.stack([stream[9 * i : 9 * i + 576] for i in range(64)]), epochs=4, batch_size=8, lr=3e-3)
+    # Trained until its ordinary samples are this English: they pass the guide's gate.
+    text = (
+        "The quick brown fox jumps over the lazy dog. A wizard's job is to vex chumps quickly in fog. "
+        "Pack my box with five dozen liquor jugs. How vexingly quick daft zebras jump! "
+    )
+    stream = torch.tensor(text_to_bits(text * 12))
+    train_loop(model, torch.stack([stream[9 * i : 9 * i + 576] for i in range(64)]), epochs=24, batch_size=8, lr=3e-3)
     model.save_pretrained(d / "good")
     with torch.no_grad():
         model.io.byte_head.weight.zero_()

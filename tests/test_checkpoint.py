@@ -64,3 +64,17 @@ def test_weights_for_another_architecture_are_refused(model, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="missing"):
         BitTransformerLM.from_pretrained(tmp_path)
+
+
+def test_the_reference_and_trained_modes_travel_with_the_weights(tmp_path):
+    from bitlm import TrainConfig, Trainer, text_to_bits
+
+    torch.manual_seed(0)
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=90)
+    bits = torch.tensor(text_to_bits("recorded from the data it trains on. " * 4))[: 4 * 90].view(4, 90)
+    Trainer(model, TrainConfig(diffusion=True, diffusion_prob=0.5, seed=3)).train_step([bits, bits, bits, bits])
+    assert model.reference.recorded_bytes == 4 * 40 and model.trained_modes == {"causal", "denoise"}
+    model.save_pretrained(tmp_path / "ck")
+    loaded = BitTransformerLM.from_pretrained(tmp_path / "ck")
+    assert torch.equal(loaded.reference.counts, model.reference.counts)
+    assert loaded.trained_modes == {"causal", "denoise"}

@@ -1,6 +1,17 @@
+"""Diffusion mode: the denoising objective, the sampler, and one model in both modes."""
+
+import pytest
 import torch
 
-from bitlm import BitTransformerLM, parity_ok, safe_sample_with_retry, text_to_bits, train_loop
+from bitlm import (
+    BitTransformerLM,
+    SafetyError,
+    bits_to_text,
+    parity_ok,
+    safe_sample_with_retry,
+    text_to_bits,
+    train_loop,
+)
 from bitlm.diffusion import corrupt, diffusion_generate
 
 TINY = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=144, dropout=0.0)
@@ -40,6 +51,7 @@ def test_diffusion_training_lowers_denoising_loss_and_curriculum_lowers_noise():
         batch_size=8,
         lr=3e-3,
         diffusion=True,
+        diffusion_prob=1.0,  # every step denoises
         diffusion_curriculum=True,
         noise_schedule="cosine",
     )
@@ -63,14 +75,13 @@ def test_diffusion_sampler_generates_parity_clean_bytes():
 
 
 def test_safe_sample_retries_with_diffusion():
-    import pytest
-
-    from bitlm import SafetyError
-
     model = BitTransformerLM(**TINY)
+    with pytest.raises(ValueError, match="trained to denoise"):  # it never learned to: refused, not noise
+        safe_sample_with_retry(model, text_to_bits("hi"), retry_strategy="diffusion", max_new_bytes=8)
     with torch.no_grad():  # always predicts 0, causal or not: every attempt is degenerate
         model.io.head.bias.copy_(torch.tensor([30.0, -30.0]))
         model.io.head.weight.zero_()
+    model.trained_modes = {"causal", "denoise"}  # as if it had learned both
     with pytest.raises(SafetyError) as info:
         safe_sample_with_retry(
             model,
@@ -83,3 +94,26 @@ def test_safe_sample_retries_with_diffusion():
         )
     assert [a["strategy"] for a in info.value.attempts] == ["sample", "diffusion", "diffusion"]
     assert info.value.metrics["C"] < 0.3
+
+
+@pytest.mark.parametrize("arch", ["bit", "byte_patch"])
+def test_one_model_learns_both_modes_and_samples_text_in_each(arch):
+    """train.diffusion mixes next-bit and denoising micro-batches in one model: the same
+    checkpoint continues a prompt causally and by denoising, on both architectures."""
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY, arch=arch, patch_bytes=2 if arch == "byte_patch" else 1)
+    h = train_loop(model, _windows(), epochs=25, batch_size=8, lr=3e-3, diffusion=True, diffusion_prob=0.5)
+    denoise = [r for r in h.steps if r["denoise"]]
+    causal = [r for r in h.steps if not r["denoise"]]
+    assert 0.3 < len(denoise) / len(h.steps) < 0.7 and model.trained_modes == {"causal", "denoise"}
+    for runs in (denoise, causal):  # both objectives learned
+        assert sum(r["loss"] for r in runs[-5:]) < 0.75 * sum(r["loss"] for r in runs[:5])
+    alphabet = set("abcdenoism. ")
+    prompt = torch.tensor(text_to_bits("abcabcabc "))
+    g = torch.Generator().manual_seed(0)
+    denoised = diffusion_generate(model, prompt, 12, steps=8, temperature=0.3, generator=g)
+    sampled, _ = safe_sample_with_retry(model, prompt, max_new_bytes=12, c_floor=0, s_floor=0, temperature=0.3, seed=0)
+    for out in (denoised, sampled):
+        text = bits_to_text(out[0, prompt.numel() :], errors="replace")
+        assert sum(ch in alphabet for ch in text) >= 9, text  # the training text's letters, not noise
+    assert parity_ok(denoised).all()

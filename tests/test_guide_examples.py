@@ -97,14 +97,20 @@ def test_safe_inference():
     except Exception as e:
         print(f"⚠️ Safety check failed: {e}")
         outcome = "blocked"
-    assert outcome == "passed"  # an untrained model predicts near-uniform bits: high C and S
+    assert outcome == "passed"  # the input is varied (C) English, close to the reference (S)
 
 
 def test_safety_gates():
-    from bitlm import BitTransformerLM, text_to_bits
+    import torch
+
+    from bitlm import BitTransformerLM, SafetyError, builtin_split, byte_windows, text_to_bits, train_loop
     from bitlm.safety import SafetyGate, safe_sample_with_retry
 
+    torch.manual_seed(0)
     model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=512)
+    # The guide retries by diffusion: the model must have learned both modes (train.diffusion).
+    windows = torch.from_numpy(byte_windows(builtin_split()[0][:20000], 32)).long()
+    train_loop(model, windows, epochs=1, batch_size=16, lr=3e-3, diffusion=True, max_steps=40)
     input_bits = text_to_bits("Safety first")  # the guide leaves input_bits undefined
     # Configure safety gate
     gate = SafetyGate(c_floor=0.3, s_floor=0.5, decay=0.9, burn_in=10)
@@ -114,8 +120,11 @@ def test_safety_gates():
     for _ in range(10):
         should_block = gate.should_trigger(c_val=0.2, s_val=0.4)
     assert should_block is True
-    output = safe_sample_with_retry(model, input_bits, max_retries=3, retry_strategy="temperature")
-    assert output[0].shape[1] > len(input_bits)
+    try:
+        output = safe_sample_with_retry(model, input_bits, max_retries=3, retry_strategy="diffusion")
+        assert output[0].shape[1] > len(input_bits) and output[1]["gate"]["passed"]
+    except SafetyError as e:  # a 40-step model may well write byte salad: then every retry is on record
+        assert [a["strategy"] for a in e.attempts] == ["sample", "diffusion", "diffusion", "diffusion"]
 
 
 def test_metric_drift():

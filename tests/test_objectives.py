@@ -84,9 +84,14 @@ def test_denoising_scores_each_position_against_the_clean_bit():
     assert loss.item() == pytest.approx(ce.item(), abs=1e-6) and "noise_scale" in stats and "bpb" not in stats
 
 
-def test_diffusion_is_refused_for_byte_patch_by_name():
-    with pytest.raises(ValueError, match="train.diffusion needs model.arch='bit'"):
-        BitObjective(TrainConfig(diffusion=True), BitTransformerLM(**TINY, arch="byte_patch").config)
+def test_diffusion_mixes_denoising_into_next_bit_training_on_both_architectures():
+    for arch in ("bit", "byte_patch"):
+        model = BitTransformerLM(**TINY, arch=arch)
+        objective = BitObjective(TrainConfig(diffusion=True, diffusion_prob=0.5), model.config)
+        plans = [objective.plan(learnable_windows(4), step) for step in range(40)]
+        assert 10 < sum(not p.causal for p in plans) < 30
+        loss, stats = objective(model, learnable_windows(4), 0)
+        assert torch.isfinite(loss)
 
 
 def test_draws_follow_the_generator_so_a_resumed_run_repeats_them():

@@ -29,12 +29,12 @@ def browser():
         b.close()
 
 
-def _use_page(browser, url: str, shot) -> None:
+def _use_page(browser, url: str, shot, seed: int) -> None:
     page = browser.new_page()
     page.goto(url)
     page.fill("#prompt", "The quick brown")
     page.fill("#max_tokens", "40")  # a range input: fill sets its value
-    page.fill("#seed", "0")  # reproducible: this seed's text passes the gate (others may not)
+    page.fill("#seed", str(seed))
     page.click("#generate")
     done = "['Gate: passed', 'Gate: BLOCKED', 'Error'].some(s => document.querySelector('#verdict').textContent.startsWith(s))"
     page.wait_for_function(done, timeout=120_000)
@@ -48,7 +48,8 @@ def _use_page(browser, url: str, shot) -> None:
 
 
 def test_playground_on_ray_serve(browser, server, tmp_path):
-    _use_page(browser, server + "/", tmp_path / "serve.png")
+    for seed in (1, 2):  # any seed: the trained model's ordinary text passes the guide's gate
+        _use_page(browser, server + "/", tmp_path / f"serve{seed}.png", seed)
 
 
 def test_playground_without_ray(browser, checkpoints, tmp_path):
@@ -61,7 +62,7 @@ def test_playground_without_ray(browser, checkpoints, tmp_path):
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        _use_page(browser, f"http://127.0.0.1:{port}/", tmp_path / "dashboard.png")
+        _use_page(browser, f"http://127.0.0.1:{port}/", tmp_path / "dashboard.png", 3)
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -1,7 +1,20 @@
+import random
+import string
+
+import numpy as np
 import pytest
 import torch
 
-from bitlm import BitTransformerLM, SafetyError, SafetyGate, hil_safe_inference, safe_sample_with_retry, text_to_bits
+from bitlm import (
+    BitTransformerLM,
+    SafetyError,
+    SafetyGate,
+    builtin_split,
+    bytes_to_bits,
+    hil_safe_inference,
+    safe_sample_with_retry,
+    text_to_bits,
+)
 from bitlm.safety import assess_generation
 
 TINY = dict(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=512, dropout=0.0)
@@ -58,12 +71,33 @@ def test_degenerate_output_is_blocked_after_retries():
         safe_sample_with_retry(model, text_to_bits("hi"), max_retries=2, max_new_bytes=32, c_floor=0.3, s_floor=0.0)
 
 
-def test_varied_output_passes_with_telemetry():
+_RND = random.Random(0)
+KINDS = {
+    "held-out text": (builtin_split()[1][3000:3128], set()),
+    "random bytes": (bytes(np.random.default_rng(0).integers(0, 256, 128).astype(np.uint8)), {"S"}),
+    "one byte repeated": (b"=" * 128, {"C"}),  # "==" is common in the reference (tables): C blocks it
+    "a short phrase looped": ((b"see the map. " * 12)[:128], {"C"}),
+    "random letters and spaces": (
+        "".join(_RND.choice(string.ascii_lowercase + " ") for _ in range(128)).encode(),
+        {"S"},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gate_at_the_guides_defaults_passes_text_and_blocks_degenerate_output(kind):
+    data, fails = KINDS[kind]
+    bits = torch.from_numpy(bytes_to_bits(data)).long()
+    report = assess_generation(bits, torch.zeros(bits.numel(), 2), c_floor=0.3, s_floor=0.5)
+    assert report.passed == (not fails) and set(report.failed) == fails, (kind, report)
+
+
+def test_an_untrained_models_output_is_blocked_and_says_why():
     torch.manual_seed(0)
-    model = BitTransformerLM(**TINY)
-    out, tel = safe_sample_with_retry(model, text_to_bits("hi"), max_new_bytes=32, c_floor=0.3, s_floor=0.1, seed=0)
-    assert out.shape == (1, 18 + 32 * 9)
-    assert tel["gate"]["passed"] and 0 <= tel["C"] <= 1 and tel["attempts"][0]["attempt"] == 0
+    model = BitTransformerLM(**TINY)  # its bytes are noise to the reference of real text
+    with pytest.raises(SafetyError, match="S=") as info:
+        safe_sample_with_retry(model, text_to_bits("hi"), max_retries=1, max_new_bytes=32, seed=0)
+    assert [a["attempt"] for a in info.value.attempts] == [0, 1] and info.value.metrics["S"] < 0.5
 
 
 def test_assess_generation_scores_repetition_low():

@@ -112,6 +112,23 @@ def test_bad_input_gets_a_4xx_with_a_message(server, route, body, status, needle
     assert needle in payload["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ({"model": "bitlm", "prompt": "hi", "seed": 2**64}, "seed"),
+        ({"model": "bitlm", "prompt": "hi", "seed": -(2**70)}, "seed"),
+        ({"model": "bitlm", "prompt": "caf\udcff"}, "lone surrogate"),
+        ({"model": "bitlm", "prompt": "hi", "stop": ["\ud800"]}, "lone surrogate"),
+    ],
+)
+def test_numbers_out_of_range_and_strings_utf8_cannot_hold_are_400s(server, body, needle):
+    raw = json.dumps(body).encode()  # json.dumps writes the lone surrogate as the escape "\udcff"
+    status, payload = _post(f"{server}/v1/completions", raw, raw=True)
+    assert status == 400 and needle in payload["error"]["message"], payload
+    status, payload = _post(f"{server}/generate", json.dumps({"text": "caf\udcff"}).encode(), raw=True)
+    assert status == 400 and "lone surrogate" in payload["error"]["message"]
+
+
 def test_malformed_json_is_a_400(server):
     status, payload = _post(f"{server}/v1/completions", b'{"model": "bitlm", "prompt": ', raw=True)
     assert status == 400 and "malformed JSON" in payload["error"]["message"]
