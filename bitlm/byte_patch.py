@@ -157,6 +157,26 @@ class BytePatchIO(nn.Module):
         fixed = torch.stack([-PARITY_LOGIT * parity, -PARITY_LOGIT * (1 - parity)], -1)
         return torch.where(data[None, :, None], out, fixed)
 
+    def next_byte_node_logits(self, cache) -> torch.Tensor:
+        """The next byte's distribution as the logits (B, 255, 2) of every node of its prefix
+        tree (heap order: node 0 the first bit, node 2^d - 1 + v the bit after prefix v of d
+        bits), from the cache alone: drawing the byte node by node from these is drawing it bit
+        by bit through the model (the same logits), without a model call per bit."""
+        h = cache.state["h"][:, 0]  # (B, C): the context of the unfinished patch
+        tail = cache.state.get("tail")
+        j = 0 if tail is None else tail.size(1) // 9  # the next byte's position in its patch
+        c = h
+        if self.P > 1:
+            before = tail if tail is not None else h.new_zeros(h.size(0), 0, dtype=torch.long)
+            values = _byte_values(F.pad(before, (0, 9)))  # (B, j + 1): the last is a placeholder
+            c = c + self._patch_context(values)[:, j]
+        if self.local_decoder == "tree":
+            z = self.tree(c).float()
+            return torch.stack([torch.zeros_like(z), z], -1)
+        masses = _subtree_log_masses(F.log_softmax(self.byte_head(c).float(), -1))  # (B, 510)
+        child0 = _NODE_CHILD0.to(c.device)
+        return torch.stack([masses[:, child0], masses[:, child0 + 1]], -1)
+
     def _byte_log_probs(self, c: torch.Tensor) -> torch.Tensor:
         """log q (..., 256): the local decoder's byte distribution at contexts c (..., C)."""
         if self.local_decoder != "tree":
@@ -203,6 +223,9 @@ _DEPTH = torch.arange(8)
 _TREE_NODES = (1 << _DEPTH) - 1 + (_VALUES[:, None] >> (8 - _DEPTH))  # (256, 8) node at each depth
 _TREE_BITS = ((_VALUES[:, None] >> (7 - _DEPTH)) & 1).bool()  # (256, 8) the bit taken there
 _ODD = _TREE_BITS.sum(-1) % 2 == 1  # bytes whose even-parity bit is 1
+_NODE_DEPTH = torch.tensor([d for d in range(8) for _ in range(1 << d)])  # heap order, 255 nodes
+_NODE_CHILD0 = (1 << (_NODE_DEPTH + 1)) - 2 + 2 * (torch.arange(255) - ((1 << _NODE_DEPTH) - 1))
+# _NODE_CHILD0[n]: where node n's child "0" sits among _subtree_log_masses' depth-1..8 nodes
 
 
 def _subtree_log_masses(logq: torch.Tensor) -> torch.Tensor:

@@ -166,6 +166,8 @@ class RunSettings:
     placement_strategy: str = "PACK"  # PACK | SPREAD (one worker per node where possible) | STRICT_*
     storage_path: str = "runs/ray"  # Train results and checkpoints: local dir, NFS path, s3://, gs://
     experiment: str = "bitlm"  # MLflow experiment
+    registered_model: str = "bitlm-{name}"  # the final checkpoint's MLflow model name ("" to skip)
+    system_metrics_seconds: float = 10.0  # rank 0's CPU/memory/GPU into the run every N s (0: off)
     fail_at_step: int | None = None  # fault injection for tests: rank 0 raises once at this step
 
     def __post_init__(self) -> None:
@@ -206,6 +208,9 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     run: RunSettings = field(default_factory=RunSettings)
+
+    def __post_init__(self) -> None:
+        self.run.registered_model = self.run.registered_model.replace("{name}", self.name)
 
     def check_platform(self) -> None:
         """Refuse, naming the setting and the strategy, what the platform's training path

@@ -4,11 +4,15 @@ Ray Serve (serve/), the playground and ``safe_sample_with_retry`` all generate t
 
 One *attempt* generates up to ``max_new_bytes`` bytes for a batch of prompts of equal length,
 by sampling (bitlm.generate, the KV cache, parity set by the codec) or by iterative denoising
-(bitlm.diffusion). After each byte the running K, C, S of everything generated so far
-(bitlm.telemetry.RunningTelemetry) go to the request's :class:`SafetyGate` (floors, EMA decay,
-burn-in); when it triggers, that attempt stops there and its last event says ``blocked``. A
-streamed answer cannot take back what it sent, so a stream sees each byte's verdict before the
-byte and ends at a block.
+(bitlm.diffusion); every byte gets the K, C, S of everything generated so far
+(bitlm.telemetry.RunningTelemetry). Two ways to judge it:
+
+- a *whole answer* (``complete``, Serve's non-streamed completions, ``safe_sample_with_retry``)
+  is judged once, on the telemetry of all of it (:func:`verdict`: C and S against the floors);
+- a *stream* cannot take back what it sent: each byte's running C and S go to the request's
+  :class:`SafetyGate` (floors, EMA decay, burn-in) before the byte is sent, and a trigger ends
+  the stream there (its last event says ``blocked``). It is the stricter of the two: a prefix
+  of ordinary text (a table's rule of dashes) can look repetitive before its text resumes.
 
 *Retries*: when an attempt is blocked, :class:`Attempts` plans the next one by the gate's
 ``retry_strategy``: ``"temperature"`` samples again 0.25 hotter per retry (away from degenerate
@@ -124,6 +128,20 @@ class GateSettings:
     def new_gate(self) -> SafetyGate:
         return SafetyGate(self.c_floor, self.s_floor, self.decay, self.burn_in)
 
+    def open(self) -> GateSettings:
+        """These settings with a gate that never cuts a generation short (its burn-in never
+        ends): a whole answer runs to its length and is judged by :func:`verdict`."""
+        return GateSettings(self.c_floor, self.s_floor, self.decay, 2**62, self.max_retries, self.retry_strategy)
+
+
+def verdict(events: list[ByteEvent], gate: GateSettings) -> dict[str, float]:
+    """The metrics of a whole generation below their floors (empty: it passes). Judged on the
+    telemetry of all of it: its last event's running values."""
+    if not events:
+        return {}  # nothing generated, nothing to judge
+    last = events[-1]
+    return {k: v for k, v, floor in (("C", last.C, gate.c_floor), ("S", last.S, gate.s_floor)) if v < floor}
+
 
 @dataclass
 class ByteEvent:
@@ -206,18 +224,23 @@ def stream_batch(
     ``strategy="diffusion"`` denoises instead (a batch of one: its request's seed)."""
     prompt_bits = _prompt_bits(prompts)
     gate = gate or GateSettings()
-    B = prompt_bits.size(0)
-    gates = [gate.new_gate() for _ in range(B)]
     device = next(model.parameters()).device
     if strategy == "diffusion":
         _check_diffusion(model)
-        seed = seeds[0]
-        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        generator = None if seeds[0] is None else torch.Generator().manual_seed(seeds[0])
         steps = _diffusion_bytes(model, prompt_bits, max(max_new_bytes), generator)
     else:
         temps, tops = torch.tensor(temperature), torch.tensor(top_p)
         steps = iter_generate(model, prompt_bits, max(max_new_bytes), temps, tops, _generators(seeds, device))
-    last = prompt_bits[:, -9:-1] * torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])
+    return _gated(model, prompt_bits, steps, max_new_bytes, gate)
+
+
+def _gated(model, prompt_bits: torch.Tensor, steps, max_new_bytes: list[int], gate: GateSettings):
+    """Per byte of ``steps`` (bits (B, 9) and the logits behind them): the telemetry of
+    everything so far and each request's gate verdict."""
+    B = prompt_bits.size(0)
+    gates = [gate.new_gate() for _ in range(B)]
+    last = prompt_bits[:, -9:-1].cpu() * torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])
     running = RunningTelemetry(B, getattr(model, "reference", None), last.sum(-1))
     done = [False] * B
     for i, step in enumerate(steps):
@@ -237,6 +260,31 @@ def stream_batch(
         yield out
         if all(done):
             return
+
+
+@torch.no_grad()
+def gate_text(model: torch.nn.Module, prompt: bytes, text: bytes, gate: GateSettings | None = None) -> list[ByteEvent]:
+    """The gate applied to a given ``text`` after ``prompt`` as if the model had generated it:
+    the model reads prompt + text (teacher-forced) and each byte of the text gets the
+    telemetry and verdict a generated one would. The events stop at a block."""
+    from .model import infer_long_sequence
+
+    prompt_bits = _prompt_bits([prompt])
+    text_bits = torch.from_numpy(bytes_to_bits(text)).long()[None]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        bits = torch.cat([prompt_bits, text_bits], 1).to(device)
+        logits = infer_long_sequence(model, bits, overlap=model.io.max_bits // 9 // 2 * 9)  # half a context
+    finally:
+        model.train(was_training)
+    start = prompt_bits.size(1) - 1  # logits[:, j - 1] predicts bit j
+    steps = (
+        GeneratedByte(text_bits[:, 9 * i : 9 * i + 9], logits[:, start + 9 * i : start + 9 * i + 9])
+        for i in range(len(text))
+    )
+    return [events[0] for events in _gated(model, prompt_bits, steps, [len(text)], gate or GateSettings())]
 
 
 def stream_bytes(
@@ -329,11 +377,12 @@ class Attempts:
             if self.passed:
                 return
 
-    def record(self, plan: AttemptPlan, events: list[ByteEvent], blocked: bool | None = None) -> bool:
-        """Record an attempt's events; ``blocked`` overrides the verdict of its last event (a
-        caller that judges the whole generation at once). Returns whether it passed."""
-        if blocked is None:
-            blocked = bool(events) and events[-1].blocked
+    def record(self, plan: AttemptPlan, events: list[ByteEvent], failed: dict[str, float] | None = None) -> bool:
+        """Record an attempt's events and whether it passed: by ``failed`` (a whole answer's
+        :func:`verdict`) or, for a stream, by its last event. Returns whether it passed."""
+        if failed is None:
+            failed = events[-1].failed if events and events[-1].blocked else {}
+        blocked = bool(failed)
         self.events, self.passed = list(events), not blocked
         self.log.append(
             {
@@ -342,7 +391,7 @@ class Attempts:
                 "temperature": plan.temperature,
                 "blocked": blocked,
                 "bytes": len(events),
-                "failed": (events[-1].failed if blocked and events else {}),
+                "failed": failed,
             }
         )
         return self.passed
@@ -363,14 +412,15 @@ def complete(
     seed: int | None = None,
     gate: GateSettings | None = None,
 ) -> Completion:
-    """A whole gated generation of one request, with retries by the gate's strategy."""
+    """A whole answer to one request, judged on all of it, with retries by the gate's strategy."""
     gate = gate or GateSettings()
     gate.check_model(model)
     attempts = Attempts(gate, temperature, seed)
     for plan in attempts:
         strategy = "diffusion" if plan.strategy == "diffusion" else "sample"
-        events = stream_bytes(model, prompt, max_new_bytes, plan.temperature, top_p, plan.seed, gate, strategy)
-        attempts.record(plan, list(events))
+        events = stream_bytes(model, prompt, max_new_bytes, plan.temperature, top_p, plan.seed, gate.open(), strategy)
+        events = list(events)
+        attempts.record(plan, events, verdict(events, gate))
     return attempts.completion()
 
 

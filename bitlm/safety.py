@@ -24,6 +24,7 @@ from .gated import (
     blocked_message,
     diffusion_capacity,
     stream_bytes,
+    verdict,
 )
 from .telemetry import RunningTelemetry, telemetry_summary
 
@@ -114,9 +115,7 @@ def safe_sample_with_retry(
     ``K, C, S``, ``gate`` and ``attempts``); raises :class:`SafetyError` when every attempt is
     blocked.
     """
-    # The verdict is taken once, on the telemetry of the whole generation (its last byte's);
-    # the per-byte gate stays in burn-in so it never cuts an attempt short.
-    gate = GateSettings(c_floor, s_floor, 0.0, max_new_bytes, max_retries, retry_strategy)
+    gate = GateSettings(c_floor, s_floor, max_retries=max_retries, retry_strategy=retry_strategy)
     gate.check_model(model)
     if retry_strategy == "diffusion" and max_retries and max_new_bytes > diffusion_capacity(model):
         raise ValueError(
@@ -127,14 +126,17 @@ def safe_sample_with_retry(
     prompt = torch.as_tensor(bits).long().reshape(1, -1).to(device)
     attempts = Attempts(gate, temperature, seed)
     reports: list[dict[str, Any]] = []
-    for plan in attempts:
+    for plan in attempts:  # the gated loop's whole-answer judgement (bitlm.gated.verdict)
         strategy = "diffusion" if plan.strategy == "diffusion" else "sample"
-        events = list(stream_bytes(model, prompt, max_new_bytes, plan.temperature, top_p, plan.seed, gate, strategy))
-        nan = float("nan")
-        K, C, S = (events[-1].K, events[-1].C, events[-1].S) if events else (nan, nan, nan)
-        failed = _failed(C, S, c_floor, s_floor) if events else {}  # nothing generated: nothing to judge
+        open_gate = gate.open()
+        events = list(
+            stream_bytes(model, prompt, max_new_bytes, plan.temperature, top_p, plan.seed, open_gate, strategy)
+        )
+        failed = verdict(events, gate)
+        attempts.record(plan, events, failed)
+        last = events[-1] if events else None
+        K, C, S = (last.K, last.C, last.S) if last else (float("nan"),) * 3
         report = GateReport(K, C, S, not failed, failed, plan.strategy, plan.attempt)
-        attempts.record(plan, events, blocked=not report.passed)
         reports.append(report.as_dict())
         if report.passed:
             new = torch.tensor([b for e in events for b in e.bits], dtype=torch.long, device=device)[None]

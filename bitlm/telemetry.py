@@ -4,14 +4,15 @@ with the meanings the user guide gives them. Defined here and only here.
 They judge a sequence of bytes x (its data bits; parity is a function of them and never counts),
 together with the model's predictions of its bits where a model is involved:
 
-K, negentropy -- departure from randomness, as the model sees it::
+K, negentropy -- departure from randomness: one minus the bits per data bit of the shorter of
+two codes for x, the model's predictions and x's own Lempel-Ziv parse (C below)::
 
-    K = 1 - min(1, mean_t -log2 p_t(x_t))        over the data bits t of x
+    K = 1 - min(1, mean_t -log2 p_t(x_t), C)        over the data bits t of x
 
   p_t the model's predicted distribution of bit t (teacher-forced over a given text; for a
-  generated text, the distributions its bits were drawn from). Noise costs the model a bit per
-  bit or more: K = 0. What it predicts with certainty (repetition it has seen) costs nothing:
-  K -> 1. Text the model knows sits between (1 - bits per byte / 8).
+  generated text, the distributions its bits were drawn from). Noise costs a bit per bit either
+  way: K ~ 0. Repetition costs its parse almost nothing, whatever the model knows: K -> 1. Text
+  the model knows sits between (1 - its bits per byte / 8, ~0.65 for the demo's model).
 
 C, Lempel-Ziv complexity -- how much new structure x keeps producing::
 
@@ -36,10 +37,10 @@ S, symbiosis -- agreement with the reference distribution the model carries::
 
 The forward pass reports them over its input bits (``logit_telemetry``); generation keeps them
 over everything generated so far (:class:`RunningTelemetry`). Regularizers (lambda_K, C, S)
-need gradients: K's formula is differentiable in the logits as it stands; C and S report the
-measured value and carry the gradient of a differentiable surrogate (straight through): for C
-the order-2 entropy rate of the predicted bits (``lz_complexity_logits``), for S the expected
-reference surprisal of the model's predictions.
+need gradients: each reports the measured value and carries the gradient of a differentiable
+part (straight through): for K the model's surprisal, for C the order-2 entropy rate of the
+predicted bits (``lz_complexity_logits``), for S the expected reference surprisal of the
+model's predictions.
 
 Which positions count (the one rule): the model's predictions of data bits. A next-bit logit
 at position t predicts bit ``offset + t + 1`` (``offset + t`` when denoising), whose phase in
@@ -275,6 +276,10 @@ def logit_telemetry(
     mode (``causal=False``) the input is noisy: K is the expected form (the predictions' own
     entropy), C and S judge the input."""
     B, T = bits.shape
+    data = data_bits_of(bits, offset).cpu().numpy().astype(np.uint8)
+    rows = np.unique(np.linspace(0, B - 1, min(B, MAX_LZ_ROWS)).round().astype(int))
+    c = torch.tensor([lz_complexity(data[r]) if data.shape[1] >= 2 else 1.0 for r in rows], device=logits.device)
+    c = c.mean()
     with torch.set_grad_enabled(torch.is_grad_enabled() and grad[0]):
         if causal and T > 1:
             targets = bits[:, 1:]
@@ -282,10 +287,8 @@ def logit_telemetry(
             k = negentropy_logits(logits[:, :-1][:, keep], targets[:, keep]) if keep.any() else logits.new_ones(B)
         else:
             k = negentropy_logits(data_predictions(logits, offset, causal))
-    data = data_bits_of(bits, offset).cpu().numpy().astype(np.uint8)
-    rows = np.unique(np.linspace(0, B - 1, min(B, MAX_LZ_ROWS)).round().astype(int))
-    c = torch.tensor([lz_complexity(data[r]) if data.shape[1] >= 2 else 1.0 for r in rows], device=logits.device)
-    c = c.mean()
+        k = k.mean()
+        k = torch.maximum(k.detach(), 1 - c) + (k - k.detach())  # the shorter code; the model's gradient
     if torch.is_grad_enabled() and grad[1]:
         surrogate = lz_complexity_logits(data_predictions(logits, offset, causal)).mean()
         c = c + surrogate - surrogate.detach()
@@ -297,7 +300,7 @@ def logit_telemetry(
             s = symbiosis_score(logits.detach(), reference, aligned).mean()
         else:
             s = logits.new_tensor(float("nan"))
-    return {"negentropy_logits": k.mean(), "lz_complexity_logits": c, "symbiosis_score": s}
+    return {"negentropy_logits": k, "lz_complexity_logits": c, "symbiosis_score": s}
 
 
 class RunningTelemetry:
@@ -329,7 +332,7 @@ class RunningTelemetry:
         self.ref_surprisal += self.reference.surprisal(values, self.prev)[:, 0].double()
         self.prev = values[:, 0]
         self.n += 1
-        k = 1.0 - (self.surprisal / (8 * self.n)).clamp(0.0, 1.0)
+        k_model = 1.0 - (self.surprisal / (8 * self.n)).clamp(0.0, 1.0)
         s = symbiosis(self.ref_surprisal / self.n - self.h_ref)
         c = []
         in_block = 8 * self.n - LZ_BLOCK_BITS * (8 * (self.n - 1) // LZ_BLOCK_BITS)
@@ -340,7 +343,8 @@ class RunningTelemetry:
             self.lz_done = [d + lz.count for d, lz in zip(self.lz_done, self.lz)]
             self.lz_random_done += lz76_random(LZ_BLOCK_BITS)
             self.lz = [LZ76() for _ in self.lz]
-        return k.tolist(), c, s.tolist()
+        k = [max(float(km), 1.0 - cc) for km, cc in zip(k_model, c)]  # the shorter code
+        return k, c, s.tolist()
 
 
 # -- drift -----------------------------------------------------------------------------------

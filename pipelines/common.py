@@ -9,6 +9,7 @@ pinned dependencies installed, not this checkout on their path.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -26,10 +27,11 @@ MANIFEST = "manifest.json"
 # -- Ray -------------------------------------------------------------------------------------
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     """Join the cluster in RAY_ADDRESS (or the job's cluster under ``ray job submit``), else
     start a local one. Local clusters get logical CPUs (default 4 on a 2-core machine) so two
-    training workers and Ray Data tasks can be scheduled together."""
+    training workers and Ray Data tasks can be scheduled together. ``quiet``: Ray's INFO logs
+    off in this process (workers' errors still reach it as exceptions)."""
     import ray
     from ray import cloudpickle
 
@@ -39,8 +41,11 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    level = {"logging_level": logging.WARNING, "log_to_driver": False} if quiet else {}
+    if quiet:
+        logging.getLogger("ray").setLevel(logging.WARNING)
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**{"log_to_driver": True, **level})
     else:
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(
@@ -50,6 +55,7 @@ def init_ray(num_cpus: int | None = None) -> None:
             dashboard_host="127.0.0.1",
             # Tasks and actors that import the entrypoints' modules (Tune trials do) find them.
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+            **level,
         )
     from ray.data import DataContext
 

@@ -1,11 +1,12 @@
-"""The main job on embedded defaults: prepare -> train -> evaluate -> sample.
+"""The main job on embedded defaults: prepare -> train -> evaluate -> sample, in a few minutes.
 
-    python pipelines/demo.py [--config configs/small.yaml] [--set key=value ...]
+    python pipelines/demo.py [--config configs/small.yaml] [--set key=value ...] [--verbose]
 
 Starts a local Ray cluster (or joins RAY_ADDRESS), prepares the built-in corpus with Ray Data,
-trains the small config with Ray Train (2 workers, DDP, a few minutes), records everything in
-the local MLflow store (./mlflow.db), evaluates the final checkpoint against gzip/bz2/xz, and
-prints a generated sample and the command that opens the MLflow UI.
+trains the small config with Ray Train (2 workers, DDP), records the run in the local MLflow
+store (./mlflow.db) with the model registered, evaluates it against gzip/bz2/xz on the same
+held-out bytes, and ends with a table, a generated sample and the commands that open the run.
+One progress line per stage; ``--verbose`` shows Ray's own logs as well.
 """
 
 from __future__ import annotations
@@ -20,51 +21,68 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bitlm import BitTransformerLM, load_config, sample_text  # noqa: E402
-from bitlm.config import dump_config  # noqa: E402
 from pipelines import evaluate, train  # noqa: E402
 from pipelines.common import init_ray  # noqa: E402
 from pipelines.prepare_data import prepare  # noqa: E402
 from pipelines.tracking import tracking_uri  # noqa: E402
+
+STABLE = Path("runs/demo/final_checkpoint")  # what serve/config.yaml and `make serve` load
+
+
+def closing_table(result: dict, train_out: dict, seconds: float) -> str:
+    m, ev = train_out["metrics"], result["model"]
+    rows = [("BitTransformerLM (this run)", ev["bpb"])] + [
+        (f"{name} (alone)", v["alone"]) for name, v in result["compressors"].items()
+    ]
+    best = min(v for _, v in rows[1:])
+    lines = [
+        f"held-out bits/byte ({result['val_bytes']:,} bytes no training step saw; lower is better)",
+        *(
+            f"  {name:<28} {value:6.3f}{'  <- best' if value == min(r[1] for r in rows) else ''}"
+            for name, value in rows
+        ),
+        f"  the model {'beats' if ev['bpb'] < best else 'does not beat'} every compressor alone"
+        f" ({ev['bpb'] / best:.2f}x the best); parity costs {ev['parity_bpb']:.4f} bits/byte",
+        f"trained {int(m.get('step', 0))} steps ({ev['parameters']:,} parameters); "
+        f"final K {m.get('K', float('nan')):.2f} C {m.get('C', float('nan')):.2f} S {m.get('S', float('nan')):.2f}; "
+        f"demo took {seconds:.0f} s",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=str(ROOT / "configs" / "small.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--verbose", action="store_true", help="Ray's own logs and progress bars too")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    print(dump_config(cfg))
     start = time.time()
-    init_ray()
-    print("== 1/4 prepare: Ray Data encodes the built-in corpus into parquet shards")
-    manifest = prepare(cfg.data)
+    print(
+        f"bitlm demo: config {cfg.name} ({cfg.model.arch}, d_model {cfg.model.d_model}, {cfg.model.num_layers} layers)"
+    )
+    init_ray(quiet=not args.verbose)
+    manifest = prepare(cfg.data, quiet=not args.verbose)
     s = manifest["splits"]
     print(
-        f"   {s['train']['windows']} train / {s['val']['windows']} val windows of {cfg.data.window_bytes} bytes, {manifest['rejected_total']} rejected"
+        f"prepare: {s['train']['documents']} + {s['val']['documents']} documents -> "
+        f"{s['train']['windows']:,} train / {s['val']['windows']:,} held-out windows of {cfg.data.window_bytes} bytes"
+        f" ({manifest['rejected_total']} rejected) in {manifest['seconds']:.0f} s"
     )
-    print(f"== 2/4 train: Ray Train, {cfg.run.num_workers} workers, strategy {cfg.run.strategy}")
-    out = train.run(cfg)
-    print(f"== 3/4 evaluate: {out['checkpoint']}")
-    result = evaluate.evaluate_checkpoint(out["checkpoint"], cfg.data.output_dir)
+    out = train.run(cfg, progress=True, verbose=args.verbose)
+    result = evaluate.evaluate_checkpoint(out["checkpoint"], cfg.data.output_dir, progress=True)
     evaluate.log_to_mlflow(out["run_id"], result)
-    print(evaluate.table(result))
-    stable = Path("runs/demo/final_checkpoint")  # what serve/config.yaml and `make serve` load
-    shutil.rmtree(stable, ignore_errors=True)
-    shutil.copytree(out["checkpoint"], stable)
-    print("== 4/4 sample")
-    model = BitTransformerLM.from_pretrained(stable).eval()
+    shutil.rmtree(STABLE, ignore_errors=True)
+    shutil.copytree(out["checkpoint"], STABLE)
+    model = BitTransformerLM.from_pretrained(STABLE).eval()
     prompt = "The return statement"
-    print(f"   {prompt!r} -> {sample_text(model, prompt, 160, temperature=0.7, seed=0)!r}")
-    m = out["metrics"]
-    print(
-        f"\ntrained {m.get('step')} steps; train loss {m.get('loss', float('nan')):.4f}, K {m.get('K', float('nan')):.3f} C {m.get('C', float('nan')):.3f} S {m.get('S', float('nan')):.3f}"
-    )
-    print(
-        f"validation bits/byte {result['model']['bpb']:.3f} (parity {result['model']['parity_bpb']:.4f}); demo took {time.time() - start:.0f} s"
-    )
-    print(
-        f"MLflow run {out['run_id']}. Look at it with:\n   .venv/bin/mlflow ui --backend-store-uri {tracking_uri()} --port 5000"
-    )
+    sample = sample_text(model, prompt, 120, temperature=0.7, seed=0)
+    print()
+    print(closing_table(result, out, time.time() - start))
+    print(f"sample: {prompt!r} -> {sample!r}")
+    print(f"MLflow run {out['run_id']}, model {out.get('registered') or out.get('model_uri')}. Next:")
+    print(f"  .venv/bin/mlflow ui --backend-store-uri {tracking_uri()} --port 5000   # the run, its curves")
+    print("  make serve                                   # this model over HTTP, with the playground")
     return {"train": out, "evaluation": result}
 
 

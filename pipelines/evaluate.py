@@ -33,7 +33,7 @@ from bitlm import BitTransformerLM, evaluate  # noqa: E402
 from bitlm.bits import bits_to_bytes  # noqa: E402
 from bitlm.checkpoint import read_config  # noqa: E402
 from pipelines.common import read_manifest, shard_paths, unpack_bits  # noqa: E402
-from pipelines.tracking import mlflow_client  # noqa: E402
+from pipelines.tracking import mlflow_client, resolve_checkpoint, tracking_uri  # noqa: E402
 
 COMPRESSORS = {
     "gzip-9": lambda b: gzip.compress(b, 9, mtime=0),
@@ -63,11 +63,25 @@ def compressor_bpb(val: bytes, train: bytes) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_dir: str | Path, batch_size: int = 32) -> dict[str, Any]:
+def evaluate_checkpoint(
+    checkpoint: str | Path, data_dir: str | Path, batch_size: int = 32, progress: bool = False
+) -> dict[str, Any]:
     model = BitTransformerLM.from_pretrained(checkpoint).eval()
     val_bits, val_bytes = load_windows(data_dir, "val")
     _, train_bytes = load_windows(data_dir, "train")
-    scores = evaluate(model, val_bits, batch_size=batch_size)
+    if progress:  # one line: the model over the held-out windows, batch by batch
+        from pipelines.progress import bar
+
+        with bar(len(val_bits), "evaluate", "window") as b:
+            parts = []
+            for i in range(0, len(val_bits), batch_size):
+                chunk = val_bits[i : i + batch_size]
+                parts.append((len(chunk), evaluate(model, chunk, batch_size=batch_size)))
+                b.update(len(chunk))
+        total = sum(n for n, _ in parts)
+        scores = {k: sum(n * p[k] for n, p in parts) / total for k in parts[0][1]}
+    else:
+        scores = evaluate(model, val_bits, batch_size=batch_size)
     return {
         "checkpoint": str(checkpoint),
         "val_windows": len(val_bits),
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="checkpoint directory (config.json + model.safetensors)")
     src.add_argument("--run-id", help="MLflow run whose 'checkpoint' artifact to evaluate")
+    src.add_argument("--model-uri", help="a registered MLflow model, models:/<name>/<version>")
     ap.add_argument("--data", help="prepared data directory (default: the run's, else data/prepared)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--no-mlflow", action="store_true", help="print only")
@@ -125,6 +140,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp = tempfile.TemporaryDirectory()
         checkpoint = client.download_artifacts(args.run_id, "checkpoint", tmp.name)
         data_dir = data_dir or client.get_run(args.run_id).data.tags.get("data_dir")
+    elif args.model_uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri())
+        tmp = tempfile.TemporaryDirectory()
+        checkpoint = resolve_checkpoint(mlflow.artifacts.download_artifacts(args.model_uri, dst_path=tmp.name))
+        run_id = read_config(checkpoint).get("extra", {}).get("mlflow_run_id")
+        if run_id and not data_dir:
+            data_dir = mlflow_client().get_run(run_id).data.tags.get("data_dir")
     else:
         checkpoint = args.checkpoint
         run_id = read_config(checkpoint).get("extra", {}).get("mlflow_run_id")

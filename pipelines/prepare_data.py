@@ -262,10 +262,18 @@ def write_shards(ds, out_dir: Path, split: str, rows_per_shard: int) -> list[dic
     return shards
 
 
-def prepare(cfg: DataConfig, inputs: list[str] | None = None, output_dir: str | None = None) -> dict:
-    """Run the whole preparation; return the manifest (also written to the output dir)."""
+def prepare(
+    cfg: DataConfig, inputs: list[str] | None = None, output_dir: str | None = None, quiet: bool = False
+) -> dict:
+    """Run the whole preparation; return the manifest (also written to the output dir).
+    ``quiet`` turns Ray Data's own progress bars and logs off."""
     import ray
+    from ray.data import DataContext
 
+    if quiet:
+        ctx = DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
     start = time.time()
     inputs = list(cfg.inputs if inputs is None else inputs)
     out_dir = Path(output_dir or cfg.output_dir)

@@ -37,10 +37,12 @@ from pipelines.common import (  # noqa: E402
     shard_paths,
     storage_path,
 )
+from pipelines.progress import TrainingProgress  # noqa: E402
 from pipelines.tracking import (  # noqa: E402
     experiment_id,
     find_run,
     log_checkpoint,
+    log_model,
     mlflow_client,
     open_run,
     plot_history,
@@ -94,6 +96,7 @@ def make_trainer(
     run_id: str,
     callbacks: list | None = None,
     keep_best: bool = False,
+    verbose: bool = False,
 ):
     """The TorchTrainer of one training run (also what each Tune trial runs). ``keep_best``
     ranks kept checkpoints by validation bits/byte; otherwise the latest are kept."""
@@ -111,6 +114,7 @@ def make_trainer(
             "window_bytes": manifest["window_bytes"],
             "total_steps": total_steps(cfg, manifest),
             "run_dir": str(run_dir),
+            "verbose": verbose,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.run.num_workers,
@@ -135,9 +139,17 @@ def make_trainer(
 
 
 def run(
-    cfg: ExperimentConfig, data_dir: str | None = None, name: str | None = None, resume: bool = False
+    cfg: ExperimentConfig,
+    data_dir: str | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Train ``cfg`` on Ray; return {run_id, name, checkpoint, metrics}."""
+    """Train ``cfg`` on Ray; return {run_id, name, checkpoint, model_uri, registered, metrics}.
+
+    ``progress`` draws one line that follows the run (pipelines/progress.py); ``verbose``
+    keeps Ray Train's own per-report log lines, which are off otherwise."""
     cfg.check_platform()
     init_ray()
     check_cluster_paths(
@@ -154,7 +166,7 @@ def run(
     else:
         name = name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = open_run(client, cfg, name, data_dir, manifest)
-    trainer = make_trainer(cfg, data_dir, manifest, name, run_id)
+    trainer = make_trainer(cfg, data_dir, manifest, name, run_id, verbose=verbose)
     started_ms = int(time.time() * 1000)
 
     def failures() -> int:
@@ -163,7 +175,12 @@ def run(
         return max(0, len([m for m in history if m.timestamp >= started_ms]) - 1)
 
     try:
-        result = trainer.fit()
+        if progress:
+            steps = total_steps(cfg, manifest)
+            with TrainingProgress(client, run_id, steps, cfg.train.max_seconds):
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
     except Exception as e:
         client.set_terminated(run_id, status="FAILED")
         print(
@@ -184,6 +201,8 @@ def run(
     if result.checkpoint is not None:
         final = local_run_dir(cfg, name) / "final_checkpoint"
         out["checkpoint"] = str(log_checkpoint(client, run_id, result.checkpoint, final))
+        scores = {k: v for k, v in out["metrics"].items() if k in ("val_bpb", "val_loss", "step")}
+        out.update(log_model(run_id, final, cfg.run.registered_model or None, scores))
     with tempfile.TemporaryDirectory() as d:
         png = plot_history(client, run_id, Path(d) / "training_curves.png")
         client.log_artifact(run_id, str(png), "plots")
@@ -206,6 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--resume", action="store_true", help="continue a run from its latest checkpoint, in the same MLflow run"
     )
+    ap.add_argument("--verbose", action="store_true", help="keep Ray Train's per-report log lines")
     return ap.parse_args(argv)
 
 
@@ -213,12 +233,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
     print(dump_config(cfg))
-    out = run(cfg, args.data, args.name, args.resume)
+    out = run(cfg, args.data, args.name, args.resume, progress=sys.stdout.isatty(), verbose=args.verbose)
     m = out["metrics"]
     print(
         f"\nrun {out['name']} finished: step {m.get('step')}, loss {m.get('loss', float('nan')):.4f}, val bits/byte {m.get('val_bpb', float('nan')):.3f}"
     )
     print(f"MLflow run {out['run_id']} at {tracking_uri()}; checkpoint {out.get('checkpoint')}")
+    if out.get("registered"):
+        print(f"registered model {out['registered']} (serve it: make serve CHECKPOINT={out['registered']})")
     return out
 
 

@@ -30,7 +30,7 @@ from bitlm.optim import configure_optimizer, optimizer_param_names
 from bitlm.scale import grow_to
 from pipelines import ray_checkpoint
 from pipelines.common import unpack_bits
-from pipelines.tracking import MetricLog
+from pipelines.tracking import MetricLog, system_metrics
 
 LOGGED = (
     "loss", "bpb", "parity_bpb", "K", "C", "S", "lr", "grad_norm",
@@ -83,6 +83,11 @@ class Worker:
         self.restored = state is not None
         if state is not None:
             self._restore(state)
+        # Rank 0's machine in the run's system metrics (CPU, memory, GPU where there is one).
+        every = self.cfg.run.system_metrics_seconds
+        self.monitor = (
+            system_metrics(self.run_id, loop_config["mlflow"]["uri"], every) if self.rank == 0 and every else None
+        )
 
     def _parallelize(self):
         """(the module a step runs, the pipeline stage or None) for this worker's strategy."""
@@ -201,11 +206,32 @@ def _log_growth(w: Worker, val: torch.Tensor | None, log: MetricLog | None) -> d
     return after
 
 
+def _quiet_ray_train() -> None:
+    """Ray Train logs every report of every worker at INFO ("Reporting training result ..."):
+    hundreds of lines a run. The platform shows progress itself; ``--verbose`` keeps them."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function (also run by Tune trials)."""
+
+    if not loop_config.get("verbose"):
+        _quiet_ray_train()
+    w = Worker(loop_config)
+    try:
+        _train(w, loop_config)
+    finally:
+        if w.monitor is not None:
+            w.monitor.finish()
+
+
+def _train(w: Worker, loop_config: dict[str, Any]) -> None:
     import ray.train
 
-    w = Worker(loop_config)
     cfg, tcfg = w.cfg, w.cfg.train
     log = MetricLog(loop_config["mlflow"]["uri"], w.run_id) if w.rank == 0 else None
     ips = _node_ips(w.world)

@@ -2,7 +2,8 @@
 bitlm's one gated loop (bitlm.gated) with concurrent requests batched (``@serve.batch``).
 
 Every attempt of every request (the first, and each retry the gate's strategy plans) goes
-through the same batcher, so concurrent requests and retries share decoding steps. The gate's
+through the same batcher, so concurrent requests and retries share decoding steps. A
+non-streamed answer is judged whole (bitlm.gated.verdict); a stream byte by byte. The gate's
 settings are the deployment's ``user_config``: they change without a restart.
 """
 
@@ -13,21 +14,22 @@ from typing import Any
 import torch
 from ray import serve
 
-from bitlm.gated import Attempts, ByteEvent, GateSettings, stream_batch
-from serve.protocol import verdict
+from bitlm.gated import Attempts, ByteEvent, GateSettings, stream_batch, verdict
+from serve.protocol import answer
 
 
 def load_checkpoint(checkpoint: str, tracking_uri: str | None = None):
-    """A BitTransformerLM from a directory or an MLflow runs:/ or models:/ URI."""
+    """A BitTransformerLM from a checkpoint directory, or an MLflow URI: ``runs:/<id>/checkpoint``,
+    or a registered model ``models:/<name>/<version>`` (pipelines/tracking.log_model)."""
     from bitlm import BitTransformerLM
+    from pipelines import tracking
 
     if checkpoint.startswith(("runs:/", "models:/", "mlflow-artifacts:/")):
         import mlflow
 
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri or tracking.tracking_uri())
         checkpoint = mlflow.artifacts.download_artifacts(artifact_uri=checkpoint)
-    return BitTransformerLM.from_pretrained(checkpoint).eval()
+    return BitTransformerLM.from_pretrained(tracking.resolve_checkpoint(checkpoint)).eval()
 
 
 def quantize(model, mode: str):
@@ -108,7 +110,7 @@ class BitLMModel:
                 [float(requests[i]["temperature"]) for i in idx],
                 [float(requests[i]["top_p"]) for i in idx],
                 [requests[i].get("seed") for i in idx],
-                self.gate,
+                self.gate.open() if key[2] else self.gate,  # a whole answer is judged at its end
                 key[0],
             )
             for key, idx in groups.items()
@@ -130,7 +132,7 @@ class BitLMModel:
     async def _attempt(self, request: dict[str, Any], plan) -> list[dict[str, Any]]:
         strategy = "diffusion" if plan.strategy == "diffusion" else "sample"
         attempt = {**request, "temperature": plan.temperature, "seed": plan.seed, "strategy": strategy}
-        return [e async for e in self._stream_batch(attempt)]
+        return [e async for e in self._stream_batch({**attempt, "whole": True})]
 
     def _finish(self, attempts: Attempts, n_bytes: int) -> dict[str, Any]:
         done = attempts.completion()
@@ -138,14 +140,14 @@ class BitLMModel:
         if not done.passed:
             for metric in done.attempts[-1]["failed"] or {"unknown": 0}:
                 self.blocks_counter.inc(tags={"metric": metric})
-        return verdict(done, self.gate)
+        return answer(done, self.gate)
 
     async def stream(self, request: dict[str, Any]):
         """Byte events of the first attempt (a stream cannot take back what it sent, so it is
         not retried), then a final verdict event."""
         attempts = Attempts(self.gate, request["temperature"], request.get("seed"), max_retries=0)
         plan = next(iter(attempts))
-        strategy = {"temperature": plan.temperature, "seed": plan.seed, "strategy": "sample"}
+        strategy = {"temperature": plan.temperature, "seed": plan.seed, "strategy": "sample", "whole": False}
         events = []
         async for event in self._stream_batch({**request, **strategy}):
             events.append(event)
@@ -159,7 +161,7 @@ class BitLMModel:
         attempts = Attempts(self.gate, request["temperature"], request.get("seed"))
         generated = 0
         for plan in attempts:
-            events = await self._attempt(request, plan)
+            events = [ByteEvent(**e) for e in await self._attempt(request, plan)]
             generated += len(events)
-            attempts.record(plan, [ByteEvent(**e) for e in events])
+            attempts.record(plan, events, verdict(events, self.gate))
         return self._finish(attempts, generated)

@@ -57,7 +57,7 @@ def chat_prompt(messages: list) -> str:
     return "".join(f"{m.role}: {m.content}\n" for m in messages) + "assistant: "
 
 
-def verdict(done: Completion, gate: GateSettings) -> dict[str, Any]:
+def answer(done: Completion, gate: GateSettings) -> dict[str, Any]:
     """What a gated generation returns over HTTP: the kept bytes and bits, per-byte events,
     finish reason, telemetry, the gate's verdict with its settings, and parity."""
     failed = done.attempts[-1]["failed"] if done.attempts else {}
@@ -83,7 +83,7 @@ def verdict(done: Completion, gate: GateSettings) -> dict[str, Any]:
 def completion_body(
     kind: str, rid: str, created: int, model_name: str, result: dict[str, Any], n_prompt: int, stops: list[str]
 ) -> dict[str, Any]:
-    """A non-streamed ``text_completion`` or ``chat.completion`` from a :func:`verdict`."""
+    """A non-streamed ``text_completion`` or ``chat.completion`` from an :func:`answer`."""
     text = result["data"].decode("utf-8", errors="replace")
     finish = result["finish_reason"]
     for stop in stops:

@@ -77,6 +77,43 @@ def test_cached_and_uncached_generation_agree(model):
     assert torch.allclose(torch.cat(parts, 1), model(bits)[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("decoder", ["softmax", "tree"])
+def test_bytes_drawn_whole_are_the_bits_drawn_one_by_one(decoder):
+    """Cached generation draws each byte from the local decoder at byte cost; uncached
+    generation feeds the model bit by bit. Same seed, same draws: the same bytes, the same
+    logits, at any temperature and top_p, greedy included."""
+    torch.manual_seed(1)
+    model = BitTransformerLM(**{**CFG, "patch_bytes": 2, "local_decoder": decoder}).eval()
+    prompt = torch.tensor(text_to_bits("whole bytes"))
+    for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.5, 0.6)):
+        runs = [
+            generate_bits(model, prompt, 20, temperature, top_p, torch.Generator().manual_seed(3), cache, True)
+            for cache in (True, False)
+        ]
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.allclose(runs[0][1], runs[1][1], atol=1e-4)
+
+
+def test_bytes_drawn_whole_follow_the_decoders_byte_distribution():
+    torch.manual_seed(2)
+    model = BitTransformerLM(**{**CFG, "patch_bytes": 1}).eval()
+    prompt = torch.tensor(text_to_bits("q"))[None].repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    out = generate_bits(model, prompt, 1, 1.0, 1.0, g)[:, 9:]  # 4000 draws of the next byte
+    counts = torch.bincount(torch.from_numpy(bytes_to_bits_values(out)), minlength=256).double()
+    with torch.no_grad():
+        cache = model.new_cache()
+        model(prompt[:1], cache)
+        q = model.io._byte_log_probs(cache.state["h"][:, 0]).exp()[0].double()
+    chi2 = float(((counts - 4000 * q) ** 2 / (4000 * q)).sum())
+    assert chi2 < 255 + 5 * (2 * 255) ** 0.5  # chi-square, 255 degrees of freedom: within 5 sigma
+
+
+def bytes_to_bits_values(bits: torch.Tensor):
+    from bitlm import bits_to_bytes
+
+    return __import__("numpy").frombuffer(b"".join(bits_to_bytes(bits)), dtype="uint8").astype("int64")
+
+
 def test_generation_always_passes_parity(model):
     out = generate_bits(
         model,

@@ -28,6 +28,7 @@ def _cfg(tmp_path, data_dir, **overrides):
         "train.eval_every": 6,
         "train.log_every": 2,
         "run.checkpoint_every": 6,
+        "run.system_metrics_seconds": 1.0,
         "train.lr": 0.005,
     }
     return apply_overrides(load_config(ROOT / "configs" / "tiny.yaml"), {**base, **overrides})
@@ -68,6 +69,14 @@ def test_train_each_strategy_logs_to_mlflow(strategy, tmp_path, data_dir, mlflow
     assert bool(_history(client, out["run_id"], "bpb")) == (strategy not in SETTINGS)  # bpb: plain batches only
     artifacts = {a.path for a in client.list_artifacts(out["run_id"])}
     assert {"checkpoint", "plots", "data", "config.yaml"} <= artifacts
+    # MLflow as the comparison tool: the model-training view, system metrics, the data as an
+    # input, the final checkpoint as a registered model.
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert any(k.startswith("system/cpu_utilization") for k in client.get_run(out["run_id"]).data.metrics)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest and dataset_input.dataset.source_type == "local"
+    assert out["registered"] and out["registered"].startswith("models:/bitlm-tiny/")
     local = client.download_artifacts(out["run_id"], "checkpoint", str(tmp_path / "dl"))
     model = BitTransformerLM.from_pretrained(local)
     assert model.config.num_layers == 2
@@ -115,7 +124,9 @@ def test_evaluate_cli_logs_baselines(tmp_path, data_dir, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     out = train.run(_cfg(tmp_path, data_dir, **{"train.max_steps": 4, "run.num_workers": 1}))
+    by_model = evaluate.main(["--model-uri", out["registered"], "--no-mlflow"])  # the registered model
     result = evaluate.main(["--run-id", out["run_id"]])
+    assert by_model["model"]["bpb"] == pytest.approx(result["model"]["bpb"])
     metrics = MlflowClient(mlflow_uri).get_run(out["run_id"]).data.metrics
     assert metrics["eval_val_bpb"] == pytest.approx(result["model"]["bpb"])
     assert metrics["baseline_xz9e_conditional_bpb"] < metrics["baseline_xz9e_bpb"]
