@@ -188,6 +188,10 @@ class RunSettings:
 PLATFORM_REFUSALS: list[tuple[str, str, Any, str]] = [
     ("pipeline", "train.seq_ramp_start_bytes", lambda c: c.train.seq_ramp_start_bytes is not None and c.train.seq_ramp_steps > 0,
      "pipeline stages fix their activation shapes at the first step; a length ramp changes them"),
+    ("pipeline", "train.diffusion_prob",
+     lambda c: c.model.arch == "byte_patch" and c.train.diffusion and 0 < c.train.diffusion_prob < 1,
+     "pipeline stages fix their activation shapes at the first step; byte_patch reads one more patch (the start) "
+     "in causal mode than in denoising mode, so one run cannot mix them there (set it to 0 or 1)"),
     ("pipeline", "train.compile_model", lambda c: c.train.compile_model,
      "torch.distributed.pipelining runs its stages eagerly"),
     ("pipeline", "model.reversible", lambda c: c.model.reversible,

@@ -33,6 +33,18 @@ def byte_values(bits: torch.Tensor) -> torch.Tensor:
     return (groups * _PLACE.to(bits.device)).sum(-1)
 
 
+def count_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """The (257, 256) counts (float64, on the bits' device) of the bytes and byte pairs of
+    windows of bits (B, T) that start on a byte boundary."""
+    values = byte_values(bits.detach()).long()
+    counts = torch.zeros(257, 256, dtype=torch.float64, device=values.device)
+    if values.size(1) > 1:
+        pairs = (values[:, :-1] * 256 + values[:, 1:]).reshape(-1)
+        counts[:256] += torch.bincount(pairs, minlength=65536).view(256, 256).to(counts.dtype)
+    counts[256] += torch.bincount(values.reshape(-1), minlength=256).to(counts.dtype)
+    return counts
+
+
 class Reference:
     """Byte-bigram counts of training data and the tables S reads from them."""
 
@@ -49,13 +61,11 @@ class Reference:
     def observe(self, bits: torch.Tensor) -> None:
         """Count the bytes and byte pairs of windows of bits (B, T) that start on a byte
         boundary (as training windows do)."""
-        values = byte_values(bits.detach()).long()
-        counts = self.counts.to(values.device)
-        if values.size(1) > 1:
-            pairs = (values[:, :-1] * 256 + values[:, 1:]).reshape(-1)
-            counts[:256] += torch.bincount(pairs, minlength=65536).view(256, 256).to(counts.dtype)
-        counts[256] += torch.bincount(values.reshape(-1), minlength=256).to(counts.dtype)
-        self.counts, self._tables = counts, None
+        self.add(count_bytes(bits))
+
+    def add(self, counts: torch.Tensor) -> None:
+        """Add a (257, 256) table of counts (``count_bytes``) to the reference."""
+        self.counts, self._tables = self.counts.to(counts.device) + counts.to(self.counts.dtype), None
 
     def tables(self) -> tuple[torch.Tensor, float]:
         """(surprisal table (257, 256) in bits: row a = -log2 r(. | a), row 256 the unigram's;

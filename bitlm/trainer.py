@@ -29,6 +29,7 @@ from .config import TrainConfig
 from .model import unwrap
 from .objectives import BitObjective
 from .optim import configure_optimizer
+from .reference import count_bytes
 
 
 def lr_at(
@@ -145,6 +146,7 @@ class Trainer:
             raise ValueError("train.compile_model is not supported on a pipeline stage")
         self.optimizer = optimizer or configure_optimizer(self.module, cfg.lr, cfg.weight_decay)
         self.step = 0
+        self._seen: torch.Tensor | None = None  # byte counts of this step's data, see _record_data
         self.grown_at: int | None = None
         self.rng = torch.Generator().manual_seed(cfg.seed)
         self.base = pipeline.base if pipeline is not None else unwrap(model)  # the BitTransformerLM
@@ -181,6 +183,7 @@ class Trainer:
         grad_norm = clip_gradients(list(self.module.parameters()), self.cfg.grad_clip, group, device)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._record_data()
         self.step += 1
         keys = {k for r in records for k in r}
         record = {k: sum(r[k] for r in records if k in r) / sum(k in r for r in records) for k in keys}
@@ -194,8 +197,9 @@ class Trainer:
             (loss * scale).backward()
             return stats
         # What the model carries from its training: the reference its S judges text against
-        # (the clean data) and the modes it learned (bitlm.reference, bitlm.gated).
-        self.base.reference.observe(batch)
+        # (the clean data; added after the step, see _record_data) and the modes it learned.
+        seen = count_bytes(batch)
+        self._seen = seen if self._seen is None else self._seen + seen
         plan = self.objective.plan(batch, self.step)
         self.base.trained_modes.add("causal" if plan.causal else "denoise")
         if self.pipeline is not None:
@@ -205,6 +209,18 @@ class Trainer:
             loss, stats = self.objective.loss(logits, telemetry, plan)
         (loss * scale).backward()
         return stats
+
+    def _record_data(self) -> None:
+        """Add the step's bytes to the model's reference: every data-parallel rank's (summed,
+        exact in float64), so all ranks carry the same reference and judge S alike; a pipeline's
+        ranks already saw the same gathered batch. Steps see the data of the steps before them."""
+        seen, self._seen = self._seen, None
+        if seen is None:
+            return
+        if self.pipeline is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if isinstance(self.model, nn.parallel.DistributedDataParallel) or hasattr(self.model, "set_requires_gradient_sync"):
+                dist.all_reduce(seen)
+        self.base.reference.add(seen)
 
     def state_dict(self) -> dict[str, Any]:
         return {

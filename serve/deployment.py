@@ -97,11 +97,10 @@ class BitLMModel:
         """One decoding loop for all the attempts of a batch: those with the same strategy and
         prompt length share forward passes; the others run side by side, step by step."""
         self.batch_sizes.append(len(requests))
-        groups: dict[tuple[str, int, int], list[int]] = {}
+        groups: dict[tuple[str, int, int, bool], list[int]] = {}
         for i, r in enumerate(requests):  # a denoising attempt runs alone: its seed is its own
-            groups.setdefault((r["strategy"], len(r["prompt"]), i if r["strategy"] == "diffusion" else -1), []).append(
-                i
-            )
+            alone = i if r["strategy"] == "diffusion" else -1
+            groups.setdefault((r["strategy"], len(r["prompt"]), alone, r["whole"]), []).append(i)
         iterators = {
             key: stream_batch(
                 self.model,
@@ -110,7 +109,7 @@ class BitLMModel:
                 [float(requests[i]["temperature"]) for i in idx],
                 [float(requests[i]["top_p"]) for i in idx],
                 [requests[i].get("seed") for i in idx],
-                self.gate.open() if key[2] else self.gate,  # a whole answer is judged at its end
+                self.gate.open() if key[3] else self.gate,  # a whole answer is judged at its end
                 key[0],
             )
             for key, idx in groups.items()

@@ -62,7 +62,8 @@ def test_playground_without_ray(browser, checkpoints, tmp_path):
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
-        _use_page(browser, f"http://127.0.0.1:{port}/", tmp_path / "dashboard.png", 3)
+        # the dashboard's page embeds it (tests/test_dashboard.py); here the playground alone
+        _use_page(browser, f"http://127.0.0.1:{port}/playground", tmp_path / "dashboard.png", 3)
     finally:
         httpd.shutdown()
         httpd.server_close()

@@ -34,7 +34,8 @@ CASES = {
     "lambdas": ({"lambda_K": 0.5, "lambda_C": 0.5, "lambda_S": 0.5}, {}, ("ddp", "fsdp", "pipeline")),
     "direct": ({}, {"direct_prob": 1.0}, ("ddp", "fsdp", "pipeline")),
     "compress": ({}, {"compress_prob": 1.0}, ("ddp", "fsdp", "pipeline")),
-    "diffusion": ({}, {"diffusion": True, "diffusion_curriculum": True}, ("pipeline",)),
+    "diffusion": ({}, {"diffusion": True, "diffusion_prob": 1.0, "diffusion_curriculum": True}, ("pipeline",)),
+    "dual_mode": ({}, {"diffusion": True, "diffusion_prob": 0.5, "accum_steps": 4}, ("pipeline",)),
     "seq_ramp": ({}, {"seq_ramp_start_bytes": 4, "seq_ramp_steps": 4}, ("ddp", "fsdp")),
     "checkpointing": ({"use_checkpoint": True}, {}, ("ddp", "fsdp", "pipeline")),
     "reversible": ({"reversible": True}, {}, ("ddp",)),
@@ -43,7 +44,10 @@ CASES = {
 }
 # Diffusion under ddp/fsdp draws each rank's noise apart (as it should), so no single process
 # reproduces it exactly; its test below checks what it does there instead.
-STOCHASTIC = {"diffusion": ("ddp", "fsdp")}
+STOCHASTIC = {"diffusion": ("ddp", "fsdp"), "byte_patch_dual": ("ddp", "fsdp")}
+DUAL = ({"arch": "byte_patch", "patch_bytes": 2}, {"diffusion": True, "diffusion_prob": 0.5, "accum_steps": 4})
+# S's reference is recorded from every rank's data: the lambda_S run checks that ranks carry the
+# same one (and that it is the single process's, through the weights it trained).
 
 
 def _stream() -> torch.Tensor:
@@ -64,7 +68,7 @@ def _micro_batches(rank: int, accum: int) -> list[list[torch.Tensor]]:
 
 
 def _configs(name: str) -> tuple[ModelConfig, TrainConfig]:
-    model, train, _ = CASES[name]
+    model, train = DUAL if name == "byte_patch_dual" else CASES[name][:2]
     return ModelConfig(**{**MODEL, **model}), TrainConfig(**{**TRAIN, **train})
 
 
@@ -101,11 +105,13 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str]], out_
         else:
             state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         other = [None] * world  # every rank's records, to see that data parallel ranks agree
-        dist.all_gather_object(other, (records, calls))
+        dist.all_gather_object(other, (records, calls, sorted(base.trained_modes), base.reference.counts))
         results[(name, strategy)] = {
             "state": state,
-            "records": [r for r, _ in other],
-            "calls": [c for _, c in other],
+            "records": [o[0] for o in other],
+            "calls": [o[1] for o in other],
+            "modes": [o[2] for o in other],
+            "reference": [o[3] for o in other],
             "compiled": trainer.forward is not module and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0,
         }
         dist.barrier()
@@ -121,12 +127,12 @@ def runs(tmp_path_factory):
     """Every (setting, strategy) case, trained on 2 processes in one spawn."""
     out = tmp_path_factory.mktemp("strategies")
     cases = [(name, s) for name, (_, _, strategies) in CASES.items() for s in strategies]
-    cases += [("diffusion", s) for s in STOCHASTIC["diffusion"]]
+    cases += [(name, s) for name, strategies in STOCHASTIC.items() for s in strategies]
     mp.spawn(_worker, args=(2, free_port(), cases, str(out)), nprocs=2)
     return torch.load(out / "results.pt", weights_only=False)
 
 
-def _single_process(name: str, gathered: bool = False) -> dict[str, torch.Tensor]:
+def _single_process(name: str, gathered: bool = False) -> BitTransformerLM:
     """One process, one Trainer, the two ranks' micro-batches of each step; ``gathered``: each
     pair of micro-batches as one, the way the pipeline plans its objective (its chunks' losses
     average to the batch's)."""
@@ -138,7 +144,7 @@ def _single_process(name: str, gathered: bool = False) -> dict[str, torch.Tensor
             trainer.train_step([torch.cat([a, b]) for a, b in zip(r0, r1)])
         else:
             trainer.train_step([m for pair in zip(r0, r1) for m in pair])
-    return model.state_dict()
+    return model
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -153,11 +159,14 @@ def test_setting_is_honoured_under_strategy(runs, name, strategy):
     got = runs[(name, strategy)]["state"]
     # compile computes the same function as eager: its reference is the plain one (and this
     # process need not compile it again)
-    reference = _single_process(
-        "plain" if name == "compile" else name, gathered=strategy == "pipeline" and name == "diffusion"
+    single = _single_process(
+        "plain" if name == "compile" else name, gathered=strategy == "pipeline" and name in ("diffusion", "dual_mode")
     )
     tolerance = 2e-4
-    assert _max_diff(got, reference) < tolerance
+    assert _max_diff(got, single.state_dict()) < tolerance
+    # what the model carries: every rank the reference of all ranks' data, the modes it trained
+    for counts, modes in zip(runs[(name, strategy)]["reference"], runs[(name, strategy)]["modes"]):
+        assert torch.equal(counts.cpu(), single.reference.counts) and modes == sorted(single.trained_modes)
     if name != "plain":  # the setting changed what training did
         plain = runs[("plain", strategy)]["state"] if name != "byte_patch" else None
         if name == "compile":  # same weights, computed by compiled code
@@ -212,6 +221,10 @@ def test_diffusion_under_data_parallelism_denoises_with_each_ranks_own_noise(run
         (["run.strategy=pipeline", "model.reversible=true"], "model.reversible"),
         (["run.strategy=fsdp", "model.reversible=true"], "model.reversible"),
         (["run.strategy=ddp", "train.scale_patience=2"], "train.scale_patience"),
+        (
+            ["run.strategy=pipeline", "model.arch=byte_patch", "train.diffusion=true", "train.diffusion_prob=0.5"],
+            "train.diffusion_prob",
+        ),
     ],
 )
 def test_a_setting_a_strategy_cannot_honour_is_refused_by_name(overrides, needle):
@@ -222,6 +235,13 @@ def test_a_setting_a_strategy_cannot_honour_is_refused_by_name(overrides, needle
     assert (f"run.strategy={strategy}" in str(info.value)) or "Ray Train run" in str(info.value)
 
 
-def test_diffusion_on_byte_patch_is_refused_when_the_config_loads():
-    with pytest.raises(ConfigError, match="train.diffusion needs model.arch: bit"):
-        apply_overrides(load_config(ROOT / "configs" / "small.yaml"), ["train.diffusion=true"])
+def test_one_model_trains_both_modes(runs):
+    """diffusion_prob 0.5: causal and denoising micro-batches in one run (every rank drawing the
+    same mode: the draws follow the seed and the step), and the model says it learned both; the
+    shipped architecture (byte_patch) under data parallelism, bit under the pipeline."""
+    for name, strategy in [("byte_patch_dual", "ddp"), ("byte_patch_dual", "fsdp"), ("dual_mode", "pipeline")]:
+        run = runs[(name, strategy)]
+        r0, r1 = run["records"]
+        assert [r["denoise"] for r in r0] == [r["denoise"] for r in r1] and 0 < sum(r["denoise"] for r in r0) < len(r0)
+        assert run["modes"] == [["causal", "denoise"]] * 2
+    assert _max_diff(runs[("byte_patch_dual", "ddp")]["state"], runs[("byte_patch", "ddp")]["state"]) > 1e-3
