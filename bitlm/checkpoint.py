@@ -3,13 +3,25 @@
 This module knows no model class: it turns (config, tensors) into files and back, and
 ``bitlm.model.save_pretrained`` / ``load_pretrained`` build and check the model. Loading never
 unpickles: weights come from safetensors, and the optional training state (optimizer, step) is
-read with ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers. A directory that is not a valid checkpoint raises :class:`CheckpointError`
-saying what is wrong with it.
+read with ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers.
+A directory that is not a valid checkpoint raises :class:`CheckpointError` saying what is wrong
+with it.
+
+Writes are atomic and checked: every file is written to a temporary name, flushed to disk and
+renamed into place, and ``config.json`` (written last: the checkpoint's commit record) holds the
+SHA-256 of the weights and of the training state. A reader recomputes them, so a checkpoint cut
+short by a crash, or changed since, is refused by name instead of loading garbage; a disk that
+fills during a write leaves the files that were there untouched and raises CheckpointError.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +40,40 @@ class CheckpointError(ValueError):
     """A path that is not a loadable bitlm checkpoint."""
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> str:
+    """``write(temporary name)``, flushed to disk and renamed to ``path``; returns its SHA-256.
+    On any failure the temporary file is removed and ``path`` is as it was."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError, RuntimeError) as e:  # torch.save and safetensors wrap OS errors
+        tmp.unlink(missing_ok=True)
+        full = getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e)
+        why = "no space left on the device" if full else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"writing {path} failed ({why}); the files that were there are untouched") from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest
+
+
+def _write_config(directory: Path, meta: dict[str, Any]) -> None:
+    text = json.dumps(meta, indent=2) + "\n"
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(text))
+
+
 def write_checkpoint(
     directory: str | Path,
     config: ModelConfig,
@@ -35,17 +81,76 @@ def write_checkpoint(
     extra: dict[str, Any] | None = None,
     carried: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a model's config and weights to ``directory`` (created if needed). ``carried``:
-    what the model carries besides its weights (JSON-able; tensors go in ``state_dict`` under
-    names starting with ``_``)."""
+    """Write a model's config and weights to ``directory`` (created if needed), atomically and
+    with checksums (see the module docstring). Over an existing checkpoint the new one is
+    written beside it and the two directories are exchanged in one step, so a crash leaves the
+    old checkpoint or the new one, never a mix. ``carried``: what the model carries besides its
+    weights (JSON-able; tensors go in ``state_dict`` under names starting with ``_``)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     meta = {"format": FORMAT, "version": VERSION, "model": to_dict(config), "extra": extra or {}}
     meta["carried"] = carried or {}
     weights = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(weights, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    replacing = (directory / CONFIG_FILE).is_file()
+    _sweep_stale(directory)
+    target = directory.parent / f".{directory.name}.tmp-{os.getpid()}" if replacing else directory
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        meta["sha256"] = {WEIGHTS_FILE: _atomic_write(target / WEIGHTS_FILE, lambda tmp: save_file(weights, tmp))}
+        _write_config(target, meta)
+        if replacing:
+            for other in directory.iterdir():  # files that are not the checkpoint's stay with it
+                if other.name not in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE) and not other.is_dir():
+                    shutil.copy2(other, target / other.name)
+            _exchange(target, directory)
+    finally:
+        if replacing:
+            shutil.rmtree(target, ignore_errors=True)  # the old checkpoint, or the unfinished new one
     return directory
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); elsewhere by two
+    renames (a crash between them leaves ``b`` missing and its old content in ``a``)."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = getattr(libc, "renameat2", None)
+        if renameat2 is not None and renameat2(-100, os.fsencode(a), -100, os.fsencode(b), 2) == 0:
+            return  # -100: AT_FDCWD; 2: RENAME_EXCHANGE
+    old = b.parent / f".{b.name}.old-{os.getpid()}"
+    os.rename(b, old)
+    os.rename(a, b)
+    os.rename(old, a)
+
+
+def _sweep_stale(directory: Path) -> None:
+    """Remove what writers killed mid-write left beside ``directory`` or in it."""
+    for stale in [*directory.parent.glob(f".{directory.name}.tmp-*"), *directory.glob(".*.tmp-*")]:
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _verify(directory: Path, config: dict[str, Any], name: str) -> None:
+    """Refuse a file whose SHA-256 differs from the one config.json recorded for it."""
+    expected = config.get("sha256", {}).get(name)
+    if expected is not None and _sha256(directory / name) != expected:
+        raise CheckpointError(
+            f"{directory / name} is corrupt or incomplete: its SHA-256 differs from the one "
+            f"{CONFIG_FILE} recorded when it was written"
+        )
 
 
 def read_config(directory: str | Path) -> dict[str, Any]:
@@ -81,6 +186,7 @@ def read_checkpoint(
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise CheckpointError(f"{directory} is not a bitlm checkpoint: {WEIGHTS_FILE} is missing")
+    _verify(directory, config, WEIGHTS_FILE)
     try:
         weights = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
@@ -89,15 +195,24 @@ def read_checkpoint(
 
 
 def save_training_state(directory: str | Path, state: dict[str, Any]) -> None:
-    """Optimizer state and counters for resuming (tensors and plain containers only)."""
-    torch.save(state, Path(directory) / STATE_FILE)
+    """Optimizer state and counters for resuming (tensors and plain containers only), written
+    atomically beside the checkpoint's weights, its SHA-256 recorded in config.json."""
+    directory = Path(directory)
+    digest = _atomic_write(directory / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    if (directory / CONFIG_FILE).is_file():
+        meta = read_config(directory)
+        meta.setdefault("sha256", {})[STATE_FILE] = digest
+        _write_config(directory, meta)
 
 
 def load_training_state(directory: str | Path) -> dict[str, Any] | None:
     """The state saved by save_training_state, or None when the checkpoint has none."""
-    path = Path(directory) / STATE_FILE
+    directory = Path(directory)
+    path = directory / STATE_FILE
     if not path.is_file():
         return None
+    if (directory / CONFIG_FILE).is_file():
+        _verify(directory, read_config(directory), STATE_FILE)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure means "not a state we wrote"

@@ -8,6 +8,7 @@ pinned dependencies installed, not this checkout on their path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -41,9 +42,9 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
-    level = {"logging_level": logging.WARNING, "log_to_driver": False} if quiet else {}
-    if quiet:
-        logging.getLogger("ray").setLevel(logging.WARNING)
+    level = {"logging_level": logging.ERROR, "log_to_driver": False} if quiet else {}
+    if quiet:  # its warnings too (token authentication is on, progress bars are off): by design
+        logging.getLogger("ray").setLevel(logging.ERROR)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**{"log_to_driver": True, **level})
     else:
@@ -60,6 +61,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     from ray.data import DataContext
 
     DataContext.get_current().execution_options.preserve_order = True
+    if quiet:  # Ray Data configures its own logger when imported ("Dataset ... execution finished")
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def storage_path(path: str) -> str:
@@ -129,18 +132,48 @@ class DataError(ValueError):
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared-data directory; a missing or unreadable one is a DataError
+    that names the file."""
     path = Path(data_dir) / MANIFEST
     if not path.is_file():
         raise DataError(f"{data_dir} holds no prepared data ({MANIFEST} missing): run pipelines/prepare_data.py first")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest.get("shards"), list) or not all(
+            "file" in s and "split" in s for s in manifest["shards"]
+        ):
+            raise ValueError("no list of shards with file and split")
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is corrupt ({type(e).__name__}: {e}): prepare the data again") from None
+    return manifest
 
 
-def shard_paths(data_dir: str | Path, split: str) -> list[str]:
+def shard_paths(data_dir: str | Path, split: str, verify: bool = True) -> list[str]:
+    """The split's shard files; with ``verify`` each is checked against the SHA-256 the manifest
+    recorded when it was written, and a missing or changed shard is a DataError naming it."""
     manifest = read_manifest(data_dir)
-    paths = [str(Path(data_dir) / s["file"]) for s in manifest["shards"] if s["split"] == split]
-    if not paths:
+    shards = [s for s in manifest["shards"] if s["split"] == split]
+    if not shards:
         raise DataError(f"{data_dir} has no {split} shards")
+    paths = []
+    for shard in shards:
+        path = Path(data_dir) / shard["file"]
+        if not path.is_file():
+            raise DataError(f"shard {path} is missing ({Path(data_dir) / MANIFEST} lists it): prepare the data again")
+        if verify and "sha256" in shard and _sha256(path) != shard["sha256"]:
+            raise DataError(
+                f"shard {path} is corrupt: its SHA-256 differs from the one {MANIFEST} recorded when it was written"
+            )
+        paths.append(str(path))
     return paths
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def unpack_bits(packed: Any, n_bits: int) -> np.ndarray:

@@ -14,24 +14,45 @@ from typing import Any
 
 import torch
 
-from bitlm.checkpoint import load_training_state, save_training_state
+from bitlm.checkpoint import CheckpointError, load_training_state, save_training_state
 from bitlm.model import load_pretrained, save_pretrained
 
 
 def load(rank: int) -> dict[str, Any] | None:
-    """The latest checkpoint of this Ray Train run as a state dict (``model``, ``optimizer``,
-    counters), or None on a fresh start."""
+    """The latest good checkpoint of this Ray Train run as a state dict (``model``,
+    ``optimizer``, counters), or None on a fresh start. A checkpoint refused as corrupt or
+    incomplete (bitlm.checkpoint: a crash mid-write, a full disk, a changed file) is reported
+    by name and the one before it is tried, down to the first."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
-    with ckpt.as_directory() as d:
-        state = load_training_state(d) or {}
-        state["model"] = load_pretrained(d)
-        rank_file = Path(d) / f"optimizer_rank{rank}.pt"
-        if rank_file.exists():
-            state["optimizer"] = torch.load(rank_file, map_location="cpu", weights_only=True)
+    try:
+        with ckpt.as_directory() as d:
+            return _read(Path(d), rank)
+    except CheckpointError as e:
+        refused = [f"{ckpt.path}: {e}"]
+    here = Path(ckpt.path)
+    for older in sorted(
+        (p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p.name < here.name), reverse=True
+    ):
+        try:
+            state = _read(older, rank)
+        except CheckpointError as e:
+            refused.append(f"{older}: {e}")
+            continue
+        print(f"resuming from {older}, the latest good checkpoint; refused: " + "; ".join(refused), flush=True)
+        return state
+    raise CheckpointError("no loadable checkpoint to resume from: " + "; ".join(refused))
+
+
+def _read(d: Path, rank: int) -> dict[str, Any]:
+    state = load_training_state(d) or {}
+    state["model"] = load_pretrained(d)
+    rank_file = d / f"optimizer_rank{rank}.pt"
+    if rank_file.exists():
+        state["optimizer"] = torch.load(rank_file, map_location="cpu", weights_only=True)
     return state
 
 

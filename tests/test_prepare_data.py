@@ -135,3 +135,27 @@ def test_builtin_corpus_is_the_default(ray_session, tmp_path):
     assert s["train"]["bytes"] + s["val"]["bytes"] > 400_000
     assert manifest["inputs"] == ["builtin:pydoc_data.topics"] and manifest["rejected_total"] == 0
     assert np.isclose(s["val"]["documents"] / 79, 0.1, atol=0.08)
+
+
+def test_a_changed_shard_or_a_corrupt_manifest_is_refused_by_name(prepared, tmp_path):
+    import shutil
+
+    from pipelines.common import read_manifest, shard_paths
+
+    out = tmp_path / "copy"
+    shutil.copytree(prepared[1], out)
+    assert shard_paths(out, "train")  # intact: every checksum matches
+    shard = out / read_manifest(out)["shards"][0]["file"]
+    split = read_manifest(out)["shards"][0]["split"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the parquet file
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=f"shard {shard} is corrupt"):
+        shard_paths(out, split)
+    shard.unlink()
+    with pytest.raises(DataError, match=f"shard {shard} is missing"):
+        shard_paths(out, split)
+    manifest = out / "manifest.json"
+    manifest.write_text(manifest.read_text()[:50])  # cut short, as a crash mid-write would
+    with pytest.raises(DataError, match=f"{manifest} is corrupt"):
+        read_manifest(out)
