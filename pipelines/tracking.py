@@ -68,23 +68,107 @@ def git_commit() -> str:
 
 
 class MetricLog:
-    """Rank 0's metric log: buffered, sent in batches to the run."""
+    """Rank 0's metric log: metrics and tags queue here, and a thread sends them to the run in
+    batches. Training never waits for the tracker and never fails because of it.
 
-    def __init__(self, uri: str, run_id: str):
+    While the tracker is unreachable or failing, the queue keeps up to ``max_pending`` metrics
+    (past that the oldest are dropped, and counted) and retries every ``retry_seconds``; what
+    it holds is delivered when the tracker returns. ``close(timeout)`` waits for the rest and
+    returns the account (``report``): metrics ``delivered``, ``delayed`` (delivered after a
+    failed try), ``dropped`` (past the bound) and ``lost`` (still undelivered at close), and
+    the ``failures`` (failed sends) behind them.
+    """
+
+    BATCH = 900  # MLflow takes up to 1000 metrics a call
+
+    def __init__(self, uri: str, run_id: str, max_pending: int = 100_000, retry_seconds: float = 2.0):
+        import threading
+        from collections import deque
+
         from mlflow.tracking import MlflowClient
 
-        self.client, self.run_id, self.buffer = MlflowClient(uri), run_id, []
+        # One quick try per send (MLflow's own HTTP retries would hold the queue for minutes);
+        # this log retries by itself and keeps its order.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.client, self.run_id = MlflowClient(uri), run_id
+        self.max_pending, self.retry_seconds = max_pending, retry_seconds
+        self.pending: deque = deque()  # (sequence number, Metric)
+        self.tags: dict[str, str] = {}
+        self.report = {"delivered": 0, "delayed": 0, "dropped": 0, "lost": 0, "failures": 0}
+        self.last_error = ""
+        self._seq = 0
+        self._delayed_below = 0  # metrics numbered below this met a failed send
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._send_loop, name="metric-log", daemon=True)
+        self._thread.start()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        with self._wake:
+            for k, v in metrics.items():
+                self.pending.append((self._seq, Metric(k, float(v), now, step)))
+                self._seq += 1
+            while len(self.pending) > self.max_pending:
+                self.pending.popleft()
+                self.report["dropped"] += 1
+
+    def tag(self, key: str, value: str) -> None:
+        with self._wake:
+            self.tags[key] = str(value)
 
     def flush(self) -> None:
-        for i in range(0, len(self.buffer), 900):  # MLflow takes up to 1000 metrics a call
-            self.client.log_batch(self.run_id, metrics=self.buffer[i : i + 900])
-        self.buffer = []
+        """Ask the thread to send what is queued now (it does not wait for it)."""
+        with self._wake:
+            self._wake.notify()
+
+    def close(self, timeout: float = 30.0) -> dict[str, int]:
+        """Send what is left (waiting up to ``timeout`` s) and return the account."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout)
+        with self._wake:
+            self.report["lost"] = len(self.pending)
+            return dict(self.report)
+
+    def _send_loop(self) -> None:
+        from mlflow.entities import RunTag
+
+        while True:
+            with self._wake:
+                if not self.pending and not self.tags:
+                    if self._closed:
+                        return
+                    self._wake.wait()
+                    continue
+                batch = [self.pending[i] for i in range(min(self.BATCH, len(self.pending)))]
+                tags = dict(self.tags)
+            try:
+                self.client.log_batch(
+                    self.run_id, metrics=[m for _, m in batch], tags=[RunTag(k, v) for k, v in tags.items()]
+                )
+            except Exception as e:  # noqa: BLE001 - any tracker failure: keep the metrics, retry
+                with self._wake:
+                    self.report["failures"] += 1
+                    self.last_error = f"{type(e).__name__}: {str(e)[:200]}"
+                    self._delayed_below = self._seq
+                    self._wake.wait(self.retry_seconds)
+                continue
+            with self._wake:
+                for item in batch:  # delivered; still the oldest queued, unless dropped meanwhile
+                    if self.pending and self.pending[0] is item:
+                        self.pending.popleft()
+                    else:
+                        self.report["dropped"] -= 1  # dropped from the queue while it was sent: it arrived
+                self.report["delivered"] += len(batch)
+                self.report["delayed"] += sum(seq < self._delayed_below for seq, _ in batch)
+                for k, v in tags.items():
+                    if self.tags.get(k) == v:
+                        del self.tags[k]
 
 
 def open_run(

@@ -20,6 +20,10 @@ of loss and K/C/S to the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import logging
+import os
 import sys
 import tempfile
 import time
@@ -198,16 +202,46 @@ def run(
             flush=True,
         )
     out: dict[str, Any] = {"run_id": run_id, "name": name, "metrics": dict(result.metrics or {})}
+    m = out["metrics"]
+    if m.get("tracker_failures"):  # the tracker failed during the run; training went on
+        print(
+            f"MLflow was unreachable {int(m['tracker_failures'])} time(s) during training: metrics delayed "
+            f"{int(m['tracker_delayed'])}, dropped {int(m['tracker_dropped'])}, lost {int(m['tracker_lost'])}",
+            flush=True,
+        )
     if result.checkpoint is not None:
         final = local_run_dir(cfg, name) / "final_checkpoint"
         out["checkpoint"] = str(log_checkpoint(client, run_id, result.checkpoint, final))
         scores = {k: v for k, v in out["metrics"].items() if k in ("val_bpb", "val_loss", "step")}
-        out.update(log_model(run_id, final, cfg.run.registered_model or None, scores))
+        with _mlflow_quiet(not verbose):
+            out.update(log_model(run_id, final, cfg.run.registered_model or None, scores))
     with tempfile.TemporaryDirectory() as d:
         png = plot_history(client, run_id, Path(d) / "training_curves.png")
         client.log_artifact(run_id, str(png), "plots")
     client.set_terminated(run_id, status="FINISHED")
     return out
+
+
+@contextlib.contextmanager
+def _mlflow_quiet(quiet: bool):
+    """MLflow's own chatter while it logs and registers a model (a download bar, 'Successfully
+    registered model', 'Created version') off: the run prints what it registered itself."""
+    if not quiet:
+        yield
+        return
+    logger = logging.getLogger("mlflow")
+    level, bar = logger.level, os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.WARNING)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
 
 
 def _quiet(ds):

@@ -119,7 +119,9 @@ class Worker:
         """The micro-batches of each optimizer step of this epoch, from where the epoch stands
         (a resumed run skips what it already trained on); a last incomplete step is dropped."""
         group: list[torch.Tensor] = []
-        for i, bits in enumerate(_batches(shard, self.cfg.train.batch_size, self.n_bits)):
+        order = (self.cfg.train.seed, self.epoch, self.rank)  # a resumed epoch replays its order
+        batches = _batches(shard, self.cfg.train.batch_size, self.n_bits, self.cfg.data.shuffle_windows, order)
+        for i, bits in enumerate(batches):
             if i < self.batch_in_epoch:
                 continue
             group.append(bits)
@@ -155,14 +157,33 @@ class Worker:
         return evaluate(model, val, batch_size=32, max_batches=tcfg.eval_batches, amp=tcfg.amp)
 
 
-def _batches(shard, batch_size: int, n_bits: int, per_read: int = 64):
+def _batches(shard, batch_size: int, n_bits: int, shuffle: int, seed: tuple[int, ...], per_read: int = 64):
     """Training batches (B, n_bits) from a worker's Ray Data shard. Windows are read
-    ``per_read`` batches at a time and unpacked locally: one Ray Data round trip per read, not
-    per step, which matters when two workers share two cores."""
+    ``per_read`` batches at a time (one Ray Data round trip per read, not per step, which
+    matters when two workers share two cores), shuffled ``shuffle`` at a time while still
+    packed (a window's neighbours in a shard are its document's next windows), and unpacked a
+    batch at a time. The shuffle follows ``seed`` (the run's seed, the epoch, the rank), so an
+    epoch resumed from a checkpoint replays the order it skips."""
+    rng = np.random.default_rng(list(seed))
+    pending: list[np.ndarray] = []
+    held = 0
+
+    def drain(final: bool):
+        rows = np.concatenate(pending) if pending else np.empty(0, object)
+        if shuffle:
+            rows = rows[rng.permutation(len(rows))]
+        n = len(rows) if final else len(rows) // batch_size * batch_size
+        for j in range(0, n - batch_size + 1, batch_size):
+            yield torch.from_numpy(unpack_bits(rows[j : j + batch_size], n_bits)).long()
+        pending[:] = [rows[n:]]
+
     for chunk in shard.iter_batches(batch_size=batch_size * per_read, batch_format="numpy"):
-        bits = torch.from_numpy(unpack_bits(chunk["bits"], n_bits)).long()
-        for j in range(0, len(bits) - batch_size + 1, batch_size):
-            yield bits[j : j + batch_size]
+        pending.append(chunk["bits"])
+        held += len(chunk["bits"])
+        if held >= max(shuffle, 1):
+            yield from drain(final=False)
+            held = len(pending[0])
+    yield from drain(final=True)
 
 
 def _node_ips(world: int) -> list[str]:
@@ -202,7 +223,7 @@ def _log_growth(w: Worker, val: torch.Tensor | None, log: MetricLog | None) -> d
         metrics = {"growth_val_bpb_before": before["val_bpb"], "growth_val_bpb_after": after["val_bpb"]}
         log.log({**metrics, "model_params": w.base.num_parameters()}, step)
         log.flush()
-        log.client.set_tag(log.run_id, f"growth_step_{step}", "+".join(w.growth["strategies"]))
+        log.tag(f"growth_step_{step}", "+".join(w.growth["strategies"]))
     return after
 
 
@@ -237,7 +258,7 @@ def _train(w: Worker, loop_config: dict[str, Any]) -> None:
     ips = _node_ips(w.world)
     if log is not None:
         print(f"workers on nodes {ips} (rank order)", flush=True)
-        log.client.set_tag(log.run_id, "worker_node_ips", ",".join(ips))
+        log.tag("worker_node_ips", ",".join(ips))
         # One per worker group start: a fresh start, a --resume, or a restart after a failure.
         log.log({"worker_group_start_step": w.trainer.step}, w.trainer.step)
         log.flush()
@@ -277,6 +298,9 @@ def _train(w: Worker, loop_config: dict[str, Any]) -> None:
             if log is not None:  # MLflow gets validation metrics at the steps they were measured
                 log.log({k: v for k, v in {**metrics, **(last_eval if fresh else {})}.items() if k != "step"}, step)
             metrics.update(last_eval)  # every Ray report carries them (Tune's schedulers rank by them)
+            if done and log is not None:  # the tracker's account rides on the final report
+                metrics.update(_close_log(log))
+                log = None
             if step % cfg.run.checkpoint_every == 0 or done:
                 if log is not None:
                     log.flush()
@@ -294,4 +318,24 @@ def _train(w: Worker, loop_config: dict[str, Any]) -> None:
             w.epoch += 1
             w.batch_in_epoch = 0
     if log is not None:
-        log.flush()
+        _close_log(log)
+
+
+def _close_log(log: MetricLog) -> dict[str, float]:
+    """Deliver rank 0's metric log and account for it: in MLflow (``tracker_*`` metrics, when
+    it is there to take them), in the worker's output and in the run's final report."""
+    from mlflow.entities import Metric
+
+    report = log.close()
+    account = {f"tracker_{k}": float(v) for k, v in report.items()}
+    if report["failures"]:
+        print(
+            f"tracker: {report['failures']} failed send(s) ({log.last_error}); metrics delayed "
+            f"{report['delayed']}, dropped {report['dropped']}, lost {report['lost']}",
+            flush=True,
+        )
+    try:
+        log.client.log_batch(log.run_id, metrics=[Metric(k, v, int(time.time() * 1000), 0) for k, v in account.items()])
+    except Exception as e:  # noqa: BLE001 - the tracker is gone at the end: the report still carries it
+        print(f"tracker: the account could not be logged ({type(e).__name__}); it is in the run's result", flush=True)
+    return account

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -60,6 +61,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def mlflow_server(store_uri: str, artifacts: Path, port: int | None = None):
+    """A real MLflow tracking server (one worker) over ``store_uri``; yields its URL."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = port or free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--workers", "1", "--backend-store-uri", store_uri, "--default-artifact-root", str(artifacts)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """A small trained byte_patch checkpoint, and a degenerate one that only ever says 0x00."""
@@ -95,10 +121,13 @@ def checkpoints(tmp_path_factory):
     return d
 
 
+DEGENERATE_KEY = "degenerate-key"  # the /degenerate app takes an API key (serve/auth.py); "bitlm" none
+
+
 @pytest.fixture(scope="module")
 def server(ray_session, checkpoints):
     """The Serve app at http://127.0.0.1:<port>/ (model "bitlm"), and a degenerate one at
-    /degenerate (model "degenerate") whose gate blocks it. One per test module, shut down after
+    /degenerate (model "degenerate", API key DEGENERATE_KEY) whose gate blocks it. One per test module, shut down after
     it: its replicas hold CPUs that other modules' Ray Train and Ray Data work needs."""
     import time
     import urllib.request
@@ -116,7 +145,14 @@ def server(ray_session, checkpoints):
     )
     gate = {"c_floor": 0.5, "s_floor": 0.0, "decay": 0.5, "burn_in": 4, "max_retries": 1}
     serve.run(
-        build({"checkpoint": str(checkpoints / "degenerate"), "model_name": "degenerate", "gate": gate}),
+        build(
+            {
+                "checkpoint": str(checkpoints / "degenerate"),
+                "model_name": "degenerate",
+                "gate": gate,
+                "api_key": DEGENERATE_KEY,
+            }
+        ),
         name="degenerate",
         route_prefix="/degenerate",
     )

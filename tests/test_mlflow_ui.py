@@ -3,15 +3,9 @@ platform wrote, its UI in Chromium. The experiment opens on its runs (model-trai
 two runs' validation bits/byte are compared in one chart. The screenshots go to
 docs/screenshots/ (the README shows them)."""
 
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
 from test_dashboard import ARGS, _runs_with_curves
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,22 +14,10 @@ SHOTS = ROOT / "docs" / "screenshots"
 
 @pytest.fixture
 def mlflow_server(mlflow_uri, tmp_path):
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--workers", "1", "--backend-store-uri", mlflow_uri, "--default-artifact-root", str(tmp_path / "art")]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    from conftest import mlflow_server as server
+
+    with server(mlflow_uri, tmp_path / "art") as url:
+        yield url
 
 
 def test_the_experiment_opens_on_its_runs_and_compares_validation_bpb(mlflow_server):
