@@ -26,11 +26,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve.auth import DEFAULT_EXEMPT, UNAUTHORIZED, Access
 from serve.deployment import BitLMModel
 from serve.protocol import SSE, Limits, chat_prompt, check_request, completion_body
 from serve.schemas import ERRORS, APIError, ChatRequest, CompletionRequest, GenerateRequest, validation_error
@@ -60,6 +62,33 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return _error(exc)
 
 
+@app.exception_handler(BackPressureError)
+async def _busy(request: Request, exc: BackPressureError) -> JSONResponse:
+    """The model's queue is full (serve/config.yaml: max_queued_requests): come back shortly."""
+    body = APIError(503, "the model's request queue is full; retry after the Retry-After seconds", code="overloaded")
+    return JSONResponse(body.body(), status_code=503, headers={"Retry-After": "1"})
+
+
+ACCESS = [Access()]  # this replica's (set by Ingress.__init__; one Ingress per replica process)
+
+
+@app.middleware("http")
+async def _access(request: Request, call_next):
+    """The optional API key (serve/auth.py), before any route runs."""
+    access = ACCESS[0]
+    key = request.query_params.get("key")
+    if access.enabled and key is not None and request.method == "GET":
+        cookie = access.login_cookie(key)
+        if cookie is not None:  # a browser opening a page with ?key=: remember it, drop it from the URL
+            page = str(request.url.remove_query_params("key"))
+            return RedirectResponse(page, status_code=303, headers={"Set-Cookie": cookie})
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    path = (path[len(root) :] or "/") if root and path.startswith(root) else path  # the app's own route
+    if not access.allows(path, request.headers.get("authorization"), request.headers.get("cookie")):
+        return JSONResponse(UNAUTHORIZED, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+    return await call_next(request)
+
+
 def _request(prompt: bytes, max_new: int, temperature: float, top_p: float, seed: int | None) -> dict[str, Any]:
     return {"prompt": prompt, "max_new_bytes": max_new, "temperature": temperature, "top_p": top_p, "seed": seed}
 
@@ -68,10 +97,16 @@ def _request(prompt: bytes, max_new: int, temperature: float, top_p: float, seed
 @serve.ingress(app)
 class Ingress:
     def __init__(
-        self, model: DeploymentHandle, model_name: str = "bitlm", max_prompt_bytes: int = 2048, max_tokens: int = 512
+        self,
+        model: DeploymentHandle,
+        model_name: str = "bitlm",
+        max_prompt_bytes: int = 2048,
+        max_tokens: int = 512,
+        access: Access | None = None,
     ):
         from ray.serve.metrics import Counter, Histogram
 
+        ACCESS[0] = access or Access()
         self.model = model
         self.limits = Limits(model_name, max_prompt_bytes, max_tokens)
         self.requests = Counter("bitlm_requests_total", description="HTTP requests", tag_keys=("route", "status"))
@@ -158,14 +193,22 @@ class Ingress:
         for line in sse.start():
             yield line
         result = None
-        async for event in self.model.options(stream=True).stream.remote(request):
-            if event["type"] == "done":
-                result = event
-                break
-            for line in sse.byte(event):
+        try:
+            async for event in self.model.options(stream=True).stream.remote(request):
+                if event["type"] == "done":
+                    result = event
+                    break
+                for line in sse.byte(event):
+                    yield line
+                if sse.done:
+                    break
+        except Exception as e:  # noqa: BLE001 - the replica died or failed mid-stream: say so, in-band
+            for line in sse.error(
+                f"generation failed mid-stream ({type(e).__name__}); retry the request", "replica_failed"
+            ):
                 yield line
-            if sse.done:
-                break
+            self._observe(sse.chunk_kind, 500, start)
+            return
         for line in sse.end(result):
             yield line
         self._observe(sse.chunk_kind, 200, start)
@@ -183,9 +226,12 @@ def build(args: dict[str, Any]):
         float(args.get("batch_wait_timeout_s", 0.01)),
         args.get("tracking_uri"),
     )
+    exempt = args.get("auth_exempt", list(DEFAULT_EXEMPT))
+    access = Access.from_key(args.get("api_key"), exempt)  # default: the driver's BITLM_API_KEY; its digest travels
     return Ingress.bind(
         model,
         str(args.get("model_name", "bitlm")),
         int(args.get("max_prompt_bytes", 2048)),
         int(args.get("max_tokens", 512)),
+        access,
     )

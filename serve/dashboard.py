@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from bitlm import BitTransformerLM
 from bitlm.gated import Attempts, GateSettings, complete, stream_bytes
 from serve import dashboard_api as api
+from serve.auth import UNAUTHORIZED, Access
 from serve.protocol import SSE, Limits, answer, check_request, completion_body
 from serve.schemas import APIError, CompletionRequest, validation_error
 
@@ -146,9 +147,13 @@ def make_server(
     max_tokens: int = 512,
     experiment: str = "bitlm",
     runs_dir: str | Path = "runs",
+    api_key: str | None = None,
 ) -> ThreadingHTTPServer:
     """The dashboard's HTTP server, not yet serving (call ``serve_forever``). ``runs_dir`` is
-    where it lists local checkpoints and puts imported ones."""
+    where it lists local checkpoints and puts imported ones. ``api_key`` (default: the
+    environment's BITLM_API_KEY, none when unset) guards every route but /health
+    (serve/auth.py): the dashboard can start training runs."""
+    access = Access.from_key(api_key)
     source = (
         "in-process model"
         if model is not None
@@ -182,8 +187,22 @@ def make_server(
                 raise APIError(413, f"body of {length} bytes; at most {MAX_BODY}")
             return self.rfile.read(length)
 
+        def _allowed(self, url) -> bool:
+            """The API key check (serve/auth.py); answers 401 or the ?key= login itself."""
+            key = (parse_qs(url.query).get("key") or [None])[0]
+            cookie = access.login_cookie(key) if key is not None and self.command == "GET" else None
+            if cookie is not None:
+                self._send(303, b"", "text/plain", {"Location": url.path, "Set-Cookie": cookie})
+                return False
+            if access.allows(url.path, self.headers.get("Authorization"), self.headers.get("Cookie")):
+                return True
+            self._send(401, json.dumps(UNAUTHORIZED).encode(), "application/json", {"WWW-Authenticate": "Bearer"})
+            return False
+
         def do_GET(self) -> None:
             url = urlparse(self.path)
+            if not self._allowed(url):
+                return
             try:
                 if url.path in PAGES:
                     self._send(200, (STATIC / PAGES[url.path]).read_bytes(), "text/html; charset=utf-8")
@@ -199,6 +218,8 @@ def make_server(
 
         def do_POST(self) -> None:
             url = urlparse(self.path)
+            if not self._allowed(url):
+                return
             try:
                 raw = self._body()
                 if url.path == "/v1/completions":
@@ -251,10 +272,14 @@ def make_server(
     return ThreadingHTTPServer((host, port), Handler)
 
 
-def run_dashboard(host: str = "127.0.0.1", port: int = 5000, model=None, checkpoint: str | None = None) -> None:
+def run_dashboard(
+    host: str = "127.0.0.1", port: int = 5000, model=None, checkpoint: str | None = None, api_key: str | None = None
+) -> None:
     """Serve the dashboard until interrupted."""
-    server = make_server(host, port, model, checkpoint)
+    server = make_server(host, port, model, checkpoint, api_key=api_key)
     print(f"bitlm dashboard on http://{host}:{port}/ (playground: /playground)")
+    if api_key or os.environ.get("BITLM_API_KEY"):
+        print("API key on: open the page once as /?key=<key>; API clients send Authorization: Bearer <key>")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -152,6 +152,12 @@ class SSE:
         self.sent += text
         return [self._chunk(text, None, stats)]
 
+    def error(self, message: str, code: str) -> list[str]:
+        """The event that ends a stream the server could not finish: an OpenAI-style error
+        object (the official client raises it), never a finish that looks like success."""
+        body = {"error": {"message": message, "type": "server_error", "param": None, "code": code}}
+        return [f"data: {json.dumps(body)}\n\n"]
+
     def end(self, result: dict[str, Any] | None) -> list[str]:
         tail = self.decoder.decode(b"", final=True)
         extra: dict[str, Any] = {"gate": None, "telemetry": None}

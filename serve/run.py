@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     serve.run(app, name=app_cfg["name"], route_prefix=app_cfg.get("route_prefix", "/"))
     print(f"serving on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}  (playground: /, API: /docs)")
     print(f"Prometheus metrics on http://127.0.0.1:{args.metrics_port}/metrics")
+    if os.environ.get("BITLM_API_KEY"):
+        print("API key on (BITLM_API_KEY): send Authorization: Bearer <key>; a browser opens /?key=<key> once")
     try:
         while True:
             time.sleep(3600)

@@ -176,3 +176,36 @@ def test_safe_inference_in_the_embedded_playground(browser, dashboard):
     assert verdict.inner_text().startswith("Gate: passed")
     assert len(frame.locator("#output").inner_text()) > 0
     page.close()
+
+
+def test_an_api_key_guards_the_dashboard(checkpoints, mlflow_uri):
+    """With a key every route but /health answers 401 without it; a browser logs in once with
+    ?key= (a cookie), an API client sends Authorization: Bearer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from serve.dashboard import make_server
+
+    port = free_port()
+    httpd = make_server("127.0.0.1", port, checkpoint=str(checkpoints / "good"), api_key="dash-key")
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for path in ("/", "/api/runs", "/playground"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(base + path, timeout=30)
+            assert info.value.code == 401 and info.value.headers["WWW-Authenticate"] == "Bearer"
+        with pytest.raises(urllib.error.HTTPError) as info:  # starting a training run is refused too
+            urllib.request.urlopen(urllib.request.Request(base + "/api/train", data=b"{}", method="POST"), timeout=30)
+        assert info.value.code == 401 and json.loads(info.value.read())["error"]["code"] == "invalid_api_key"
+        assert urllib.request.urlopen(base + "/health", timeout=30).status == 200
+        bearer = urllib.request.Request(base + "/v1/models", headers={"Authorization": "Bearer dash-key"})
+        assert urllib.request.urlopen(bearer, timeout=30).status == 200
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+        with opener.open(base + "/?key=dash-key", timeout=30) as r:
+            assert r.url == base + "/" and "<html" in r.read().decode().lower()
+        assert opener.open(base + "/api/runs", timeout=30).status == 200
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

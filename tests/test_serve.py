@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from conftest import DEGENERATE_KEY
 
 from bitlm import text_to_bits
 
@@ -66,7 +67,7 @@ def test_openai_chat_streamed_and_not_give_the_same_text(server):
 def test_gate_blocks_a_degenerate_output_with_content_filter(server):
     import openai
 
-    client = openai.OpenAI(base_url=f"{server}/degenerate/v1", api_key="unused")
+    client = openai.OpenAI(base_url=f"{server}/degenerate/v1", api_key=DEGENERATE_KEY)
     full = client.completions.create(model="degenerate", prompt="Hello", max_tokens=48, temperature=0.8, seed=0)
     assert full.choices[0].finish_reason == "content_filter" and full.choices[0].text == ""
     gate = full.model_extra["bitlm"]["gate"]
@@ -74,6 +75,31 @@ def test_gate_blocks_a_degenerate_output_with_content_filter(server):
     chunks = list(client.completions.create(model="degenerate", prompt="Hello", max_tokens=48, seed=0, stream=True))
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     assert "\x00" * 8 not in "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_an_api_key_guards_every_route_but_health(server):
+    """The /degenerate app runs with an API key: the official client without it (or with
+    another) gets 401, health answers anyone, and a browser logs in once with ?key=."""
+    import urllib.request
+
+    import openai
+
+    for key in ("wrong", ""):
+        client = openai.OpenAI(base_url=f"{server}/degenerate/v1", api_key=key or "x", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as info:
+            client.completions.create(model="degenerate", prompt="Hello", max_tokens=4)
+        assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+    status, body = _post(f"{server}/degenerate/generate", {"text": "Hi", "max_new_bytes": 2})
+    assert status == 401
+    with urllib.request.urlopen(f"{server}/degenerate/health", timeout=30) as r:
+        assert r.status == 200
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+    with opener.open(f"{server}/degenerate/?key={DEGENERATE_KEY}", timeout=30) as r:  # redirected, cookie set
+        assert r.status == 200 and r.url == f"{server}/degenerate/" and "<html" in r.read().decode().lower()
+    with opener.open(f"{server}/degenerate/v1/models", timeout=30) as r:
+        assert r.status == 200
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="anything")  # the "bitlm" app takes no key
+    assert client.models.list().data[0].id == "bitlm"
 
 
 def test_generate_returns_text_bits_telemetry_and_parity(server):
@@ -205,3 +231,41 @@ def _reconfigure(deploy, wait_running, server, open_gate) -> None:
         time.sleep(1)
     assert body["finish_reason"] == "content_filter" and body["gate"]["c_floor"] == 1.01
     assert wait_running()["pid"] == before["pid"]  # the same replica process, reconfigured
+
+
+def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error_and_serve_recovers(server):
+    """Kill the model replica while it streams: the client gets an error event (the official
+    client raises it), never a stream that stops as if it had finished; Serve starts a new
+    replica and later requests succeed. Last in the module: it takes the replica away."""
+    import openai
+    import ray
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+    def replica():
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+        name = next(n for n in names if n.startswith("SERVE_REPLICA::bitlm#BitLMModel#"))
+        return ray.get_actor(name, namespace="serve")
+
+    outcomes = []
+    for attempt in range(4):  # a kill can land after a short stream already finished: try again
+        stream = client.completions.create(model="bitlm", prompt="The quick", max_tokens=64, seed=attempt, stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        ray.kill(replica(), no_restart=True)
+        try:
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            outcomes.append(("finished", finish))
+        except openai.APIError as e:
+            outcomes.append(("error", e.body.get("code") if isinstance(e.body, dict) else e.body))
+        for _ in range(180):  # Serve restores the replica
+            try:
+                out = client.completions.create(model="bitlm", prompt="The", max_tokens=8, seed=0)
+                break
+            except openai.APIError:
+                time.sleep(1)
+        assert out.choices[0].finish_reason in ("length", "stop", "content_filter")
+        if outcomes[-1][0] == "error":
+            break
+    assert ("error", "replica_failed") in outcomes, outcomes
+    assert all(finish in ("length", "stop", "content_filter") for kind, finish in outcomes if kind == "finished")
