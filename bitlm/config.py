@@ -140,8 +140,11 @@ class DataConfig:
     seed: int = 0
     output_dir: str = "data/prepared"
     shard_rows: int = 4096
+    shuffle_windows: int = 8192  # training windows shuffled together (packed, ~9/8 KB each); 0: in order
 
     def __post_init__(self) -> None:
+        if self.shuffle_windows < 0:
+            raise ConfigError(f"data.shuffle_windows must be >= 0, got {self.shuffle_windows}")
         if self.window_bytes < 2:
             raise ConfigError(f"data.window_bytes must be >= 2, got {self.window_bytes}")
         if self.stride_bytes is not None and self.stride_bytes < 1:

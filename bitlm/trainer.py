@@ -218,7 +218,9 @@ class Trainer:
         if seen is None:
             return
         if self.pipeline is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if isinstance(self.model, nn.parallel.DistributedDataParallel) or hasattr(self.model, "set_requires_gradient_sync"):
+            if isinstance(self.model, nn.parallel.DistributedDataParallel) or hasattr(
+                self.model, "set_requires_gradient_sync"
+            ):
                 dist.all_reduce(seen)
         self.base.reference.add(seen)
 

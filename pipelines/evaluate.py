@@ -3,11 +3,14 @@
     python pipelines/evaluate.py --checkpoint runs/ray/<run>/final_checkpoint [--data data/prepared]
     python pipelines/evaluate.py --run-id <mlflow run id>
 
-The model's bits/byte counts the 8 data bits of every byte it predicts (the first bit of each
-window has no context and is not predicted); the parity bit's cost is reported apart. The
-compressors see the same bytes: the validation windows' text, in document order. Each is
-reported alone and conditional on the training text (size of compress(train + val) minus
-size of compress(train)), the fair comparison for a model that was trained on that text.
+The held-out bytes are the validation windows' text, each document's windows joined back into
+its text, in document order. The compressors read all of it; the model reads each document
+through a window of its context (``model.max_seq_len``) sliding by half of it, and every byte
+is scored once, with at least half a window of the document before it where the document has
+it (the first bit of a document has no context and is not scored). Its bits/byte counts the 8
+data bits of every byte; the parity bit's cost is reported apart. Each compressor is reported
+alone and conditional on the training text (size of compress(train + val) minus size of
+compress(train)), the fair comparison for a model that was trained on that text.
 Results are printed as a table and logged to the checkpoint's MLflow run (metrics
 ``eval_*`` and ``baseline_*``, and ``evaluation.json``).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import bz2
+import contextlib
 import gzip
 import json
 import lzma
@@ -29,10 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
-from bitlm import BitTransformerLM, evaluate  # noqa: E402
-from bitlm.bits import bits_to_bytes  # noqa: E402
+from bitlm import BitTransformerLM  # noqa: E402
+from bitlm.bits import bits_to_bytes, bytes_to_bits  # noqa: E402
 from bitlm.checkpoint import read_config  # noqa: E402
-from pipelines.common import read_manifest, shard_paths, unpack_bits  # noqa: E402
+from bitlm.objectives import nll_sums  # noqa: E402
+from pipelines.common import DataError, read_manifest, shard_paths, unpack_bits  # noqa: E402
 from pipelines.tracking import mlflow_client, resolve_checkpoint, tracking_uri  # noqa: E402
 
 COMPRESSORS = {
@@ -45,13 +50,90 @@ COMPRESSORS = {
 def load_windows(data_dir: str | Path, split: str) -> tuple[torch.Tensor, bytes]:
     """All windows of a split as bits (N, 9W) in document order, and their bytes joined."""
     manifest = read_manifest(data_dir)
-    table = (
+    table = _sorted_table(data_dir, split)
+    bits = unpack_bits(table.column("bits").to_pylist(), manifest["bits_per_window"])
+    return torch.from_numpy(bits).long(), bits_to_bytes(bits.reshape(-1))
+
+
+def _sorted_table(data_dir: str | Path, split: str):
+    return (
         pq.ParquetDataset(shard_paths(data_dir, split))
         .read()
         .sort_by([("doc_id", "ascending"), ("offset", "ascending")])
     )
+
+
+def load_texts(data_dir: str | Path, split: str) -> list[bytes]:
+    """A split's text as its windows cover it: per document, each run of touching (or
+    overlapping) windows joined back into the bytes it covers, in document order."""
+    manifest = read_manifest(data_dir)
+    table = _sorted_table(data_dir, split)
+    width = manifest["bits_per_window"] // 9
     bits = unpack_bits(table.column("bits").to_pylist(), manifest["bits_per_window"])
-    return torch.from_numpy(bits).long(), bits_to_bytes(bits.reshape(-1))
+    texts: list[bytes] = []
+    run, end, doc = bytearray(), None, None
+    for i, (d, offset) in enumerate(zip(table.column("doc_id").to_pylist(), table.column("offset").to_pylist())):
+        window = bits_to_bytes(bits[i])
+        if d == doc and end is not None and offset <= end:
+            run += window[end - offset :]
+        else:
+            if run:
+                texts.append(bytes(run))
+            run = bytearray(window)
+        doc, end = d, offset + width
+    if run:
+        texts.append(bytes(run))
+    return texts
+
+
+def sliding_windows(texts: list[bytes], width: int, context: int) -> list[tuple[torch.Tensor, int]]:
+    """(bits (9*width,), first scored byte) of windows sliding over each text by ``width -
+    context`` bytes, so that every byte is scored once, with ``context`` bytes of the text
+    before it where the text has them; a text shorter than ``width`` is one short window."""
+    step = width - context
+    out = []
+    for text in texts:
+        starts = list(range(0, max(len(text) - width, 0) + 1, step))
+        if starts[-1] + width < len(text):
+            starts.append(len(text) - width)
+        scored_to = 0
+        for start in starts:
+            window = text[start : start + width]
+            out.append((torch.from_numpy(bytes_to_bits(window)).long(), scored_to - start if scored_to else 0))
+            scored_to = start + len(window)
+    return out
+
+
+def sliding_bpb(model, texts: list[bytes], batch_size: int = 32, progress: bool = False) -> dict[str, float]:
+    """The model's bits/byte (and parity's) over ``texts`` read through sliding windows."""
+    width = model.config.max_seq_len // 9
+    windows = sliding_windows(texts, width, width // 2)
+    groups: dict[tuple[int, int], list[torch.Tensor]] = {}
+    for bits, first in windows:  # windows batch with their kind: same length, same first scored byte
+        groups.setdefault((bits.numel(), first), []).append(bits)
+    sums = {"data_bits": 0.0, "data_bytes": 0.0, "parity_bits": 0.0, "parity_count": 0}
+    device = next(model.parameters()).device
+    with contextlib.ExitStack() as stack:
+        b = None
+        if progress:  # one line: the model over the held-out text, window by window
+            from pipelines.progress import bar
+
+            b = stack.enter_context(bar(len(windows), "evaluate", "window"))
+        with torch.no_grad():
+            for (_, first), group in groups.items():
+                for i in range(0, len(group), batch_size):
+                    batch = torch.stack(group[i : i + batch_size]).to(device)
+                    logits, _ = model(batch, telemetry=False)
+                    for k, v in nll_sums(logits, batch, first).items():
+                        sums[k] += v
+                    if b is not None:
+                        b.update(len(batch))
+    return {
+        "bpb": sums["data_bits"] / max(sums["data_bytes"], 1e-9),
+        "parity_bpb": sums["parity_bits"] / max(sums["parity_count"], 1),
+        "windows": len(windows),
+        "context_bytes": width // 2,
+    }
 
 
 def compressor_bpb(val: bytes, train: bytes) -> dict[str, dict[str, float]]:
@@ -67,44 +149,37 @@ def evaluate_checkpoint(
     checkpoint: str | Path, data_dir: str | Path, batch_size: int = 32, progress: bool = False
 ) -> dict[str, Any]:
     model = BitTransformerLM.from_pretrained(checkpoint).eval()
-    val_bits, val_bytes = load_windows(data_dir, "val")
-    _, train_bytes = load_windows(data_dir, "train")
-    if progress:  # one line: the model over the held-out windows, batch by batch
-        from pipelines.progress import bar
-
-        with bar(len(val_bits), "evaluate", "window") as b:
-            parts = []
-            for i in range(0, len(val_bits), batch_size):
-                chunk = val_bits[i : i + batch_size]
-                parts.append((len(chunk), evaluate(model, chunk, batch_size=batch_size)))
-                b.update(len(chunk))
-        total = sum(n for n, _ in parts)
-        scores = {k: sum(n * p[k] for n, p in parts) / total for k in parts[0][1]}
-    else:
-        scores = evaluate(model, val_bits, batch_size=batch_size)
+    val, train = load_texts(data_dir, "val"), load_texts(data_dir, "train")
+    if not val:
+        raise DataError(f"{data_dir}: the val split has no windows to evaluate on")
+    scores = sliding_bpb(model, val, batch_size, progress)
+    val_bytes, train_bytes = b"".join(val), b"".join(train)
     return {
         "checkpoint": str(checkpoint),
-        "val_windows": len(val_bits),
+        "val_documents": len(val),
         "val_bytes": len(val_bytes),
         "train_bytes": len(train_bytes),
         "model": {
-            "bpb": scores["val_bpb"],
-            "parity_bpb": scores["val_parity_bpb"],
+            "bpb": scores["bpb"],
+            "parity_bpb": scores["parity_bpb"],
             "parameters": model.num_parameters(),
+            "windows": scores["windows"],
+            "context_bytes": scores["context_bytes"],
         },
         "compressors": compressor_bpb(val_bytes, train_bytes),
     }
 
 
 def table(result: dict[str, Any]) -> str:
+    m = result["model"]
     lines = [
-        f"| model (validation, {result['val_bytes']:,} bytes) | bits/byte | conditional on train |",
+        f"| held-out ({result['val_bytes']:,} bytes) | bits/byte | conditional on train |",
         "|---|---|---|",
-        f"| BitTransformerLM ({result['model']['parameters']:,} params) | {result['model']['bpb']:.3f} | (trained on it) |",
+        f"| BitTransformerLM ({m['parameters']:,} params, {m['context_bytes']}+ bytes of context) | {m['bpb']:.3f} | (trained on it) |",
     ]
     for name, v in result["compressors"].items():
         lines.append(f"| {name} | {v['alone']:.3f} | {v['conditional']:.3f} |")
-    lines.append(f"| parity bit (model, reported apart) | {result['model']['parity_bpb']:.4f} | |")
+    lines.append(f"| parity bit (model, reported apart) | {m['parity_bpb']:.4f} | |")
     return "\n".join(lines)
 
 

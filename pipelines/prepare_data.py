@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -324,7 +325,9 @@ def prepare(
         raise DataError(
             f"nothing usable remains in {inputs or 'the built-in corpus'}: rejected {dict(Counter(r['reason'] for r in rejects))}"
         )
-    valid = docs.filter(lambda r: not r["reason"])
+    with warnings.catch_warnings():  # Ray Data's hint to use its expressions: these rows are few, per document
+        warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
+        valid = docs.filter(lambda r: not r["reason"])
     windows = valid.map_batches(
         _windows,
         batch_format="numpy",
@@ -333,7 +336,9 @@ def prepare(
     manifest_shards = []
     counts: dict[str, dict[str, int]] = {}
     for split in ("train", "val"):
-        part = windows.filter(lambda r, s=split: r["split"] == s)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
+            part = windows.filter(lambda r, s=split: r["split"] == s)
         if split == "train":
             part = part.random_shuffle(seed=cfg.seed)
         manifest_shards += write_shards(part, out_dir, split, cfg.shard_rows)

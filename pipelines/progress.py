@@ -19,7 +19,8 @@ def bar(total: float, desc: str, unit: str = "it", **kwargs: Any):
     from tqdm import tqdm
 
     fmt = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}"
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stdout, bar_format=fmt, mininterval=0.5, **kwargs)
+    kwargs.setdefault("bar_format", fmt)
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stdout, mininterval=0.5, **kwargs)
 
 
 class TrainingProgress:
@@ -34,7 +35,10 @@ class TrainingProgress:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def __enter__(self) -> TrainingProgress:
-        self.bar = bar(round(self.total), "train", "s" if self.by_time else "step")
+        fmt = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} s of training [{elapsed}] {postfix}"
+        self.bar = (
+            bar(round(self.total), "train", "s", bar_format=fmt) if self.by_time else bar(self.total, "train", "step")
+        )
         self.thread.start()
         return self
 
@@ -52,14 +56,17 @@ class TrainingProgress:
                 pass
 
     def update(self) -> None:
-        m = self.client.get_run(self.run_id).data.metrics
-        if "step" not in m and "seconds" not in m:
+        run = self.client.get_run(self.run_id).data.metrics
+        if "bpb" not in run:
             return
-        done = m.get("seconds", 0.0) if self.by_time else m.get("step", 0.0)
+        step = self.client.get_metric_history(self.run_id, "bpb")[-1].step  # metrics carry their step
+        done = run.get("seconds", 0.0) if self.by_time else step
         self.bar.n = min(round(done), round(self.total))
-        parts = [f"step {int(m.get('step', 0))}"]
+        parts = [f"step {step}"]
         for key, label in (("bpb", "bpb"), ("val_bpb", "val"), ("K", "K"), ("C", "C"), ("S", "S")):
-            if key in m and math.isfinite(m[key]):
-                parts.append(f"{label} {m[key]:.2f}")
+            if key in run and math.isfinite(run[key]):
+                parts.append(f"{label} {run[key]:.2f}")
+        if self.by_time:  # the budget is known: the time left is exact (tqdm's guess counts startup)
+            parts.append(f"{max(0, round(self.total - done))} s left")
         self.bar.set_postfix_str(" ".join(parts), refresh=False)
         self.bar.refresh()

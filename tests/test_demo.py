@@ -29,7 +29,7 @@ def test_demo_runs_end_to_end_on_a_fresh_checkout(tmp_path):
     )
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
-    assert "| BitTransformerLM (" in out and "| xz-9e |" in out  # the bits/byte table
+    assert "| BitTransformerLM (this run" in out and "| xz-9e |" in out  # the bits/byte table
     assert "'The return statement' ->" in out  # a generated sample
     assert "mlflow ui --backend-store-uri sqlite:///" in out
     assert (checkout / "mlflow.db").exists() and (checkout / "data" / "prepared" / "manifest.json").exists()

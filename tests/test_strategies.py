@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from bitlm import BitTransformerLM, ConfigError, TrainConfig, Trainer, load_config, text_to_bits
-from bitlm.config import ModelConfig, apply_overrides
+from bitlm.config import ModelConfig
 from bitlm.schedules import sequence_length
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
