@@ -178,7 +178,7 @@ def full_disk(work: Path) -> dict:
         still = BitTransformerLM.from_pretrained(disk / "ckpt").config.d_model == 32
         return {"error": error, "last_good_checkpoint_loads": still}
     finally:
-        subprocess.run(["umount", str(disk)], check=True)
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)  # loaded weights may still map it
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,7 +23,9 @@ BIG = st.one_of(
 )
 TEXT = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)  # lone surrogates included
 JSON_LEAF = st.one_of(st.none(), st.booleans(), BIG, TEXT)
-JSON = st.recursive(JSON_LEAF, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(TEXT, kids, max_size=4), 20)
+JSON = st.recursive(
+    JSON_LEAF, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(TEXT, kids, max_size=4), max_leaves=20
+)
 
 
 @given(st.binary(max_size=300))
