@@ -230,7 +230,15 @@ def log_dataset(client, run_id: str, data_dir: str, manifest: dict[str, Any]) ->
         source = resolve_dataset_source(str(data_dir))
     dataset = MetaDataset(source, name=name, digest=dataset_digest(manifest))
     tag = InputTag(key="mlflow.data.context", value="training")
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[tag])])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=[tag])]
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception:  # noqa: BLE001 - concurrent runs (a sweep's trials) creating the same dataset race on
+            if attempt == 2:  # its unique key; a retry finds it and links it
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def system_metrics(run_id: str, uri: str, interval: float = 5.0):

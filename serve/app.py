@@ -32,7 +32,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.auth import DEFAULT_EXEMPT, UNAUTHORIZED, Access
+from serve.auth import DEFAULT_EXEMPT, UNAUTHORIZED, Access, install, installed
 from serve.deployment import BitLMModel
 from serve.protocol import SSE, Limits, chat_prompt, check_request, completion_body
 from serve.schemas import ERRORS, APIError, ChatRequest, CompletionRequest, GenerateRequest, validation_error
@@ -69,13 +69,10 @@ async def _busy(request: Request, exc: BackPressureError) -> JSONResponse:
     return JSONResponse(body.body(), status_code=503, headers={"Retry-After": "1"})
 
 
-ACCESS = [Access()]  # this replica's (set by Ingress.__init__; one Ingress per replica process)
-
-
 @app.middleware("http")
 async def _access(request: Request, call_next):
     """The optional API key (serve/auth.py), before any route runs."""
-    access = ACCESS[0]
+    access = installed()  # this replica's (Ingress.__init__ installs it)
     key = request.query_params.get("key")
     if access.enabled and key is not None and request.method == "GET":
         cookie = access.login_cookie(key)
@@ -106,7 +103,7 @@ class Ingress:
     ):
         from ray.serve.metrics import Counter, Histogram
 
-        ACCESS[0] = access or Access()
+        install(access or Access())
         self.model = model
         self.limits = Limits(model_name, max_prompt_bytes, max_tokens)
         self.requests = Counter("bitlm_requests_total", description="HTTP requests", tag_keys=("route", "status"))

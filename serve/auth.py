@@ -62,6 +62,20 @@ class Access:
         return f"{COOKIE}={key}; Path=/; HttpOnly; SameSite=Strict"
 
 
+_INSTALLED = [Access()]
+
+
+def install(access: Access) -> None:
+    """Make ``access`` this process's (a Serve replica's Ingress calls it; the app's middleware
+    reads it with :func:`installed`). A registry in this module, not a global of the app's:
+    Serve ships the ingress class by value, with its own copy of that module's globals."""
+    _INSTALLED[0] = access
+
+
+def installed() -> Access:
+    return _INSTALLED[0]
+
+
 UNAUTHORIZED = {
     "error": {
         "message": "missing or wrong API key: send Authorization: Bearer <key> (the server's BITLM_API_KEY)",
