@@ -29,7 +29,11 @@ BENCHMARKS = {
     "fuzz": ("fuzz.py", [], ["--max-examples", "10"]),
     "cluster": ("cluster.py", [], ["--steps", "40"]),  # needs root (network namespaces)
     "gate": ("gate.py", [], ["--seconds", "20", "--n", "10"]),
-    "faults": ("faults.py", [], ["--outage-seconds", "10", "--kills", "4", "--steps", "150"]),  # the full disk needs root
+    "faults": (
+        "faults.py",
+        [],
+        ["--outage-seconds", "10", "--kills", "4", "--steps", "150"],
+    ),  # the full disk needs root
 }
 
 
