@@ -40,7 +40,8 @@ class CheckpointError(ValueError):
     """A path that is not a loadable bitlm checkpoint."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read a MiB at a time (checkpoints and data shards alike)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -56,7 +57,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> str:
         write(str(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         os.replace(tmp, path)
     except (OSError, SafetensorError, RuntimeError) as e:  # torch.save and safetensors wrap OS errors
         tmp.unlink(missing_ok=True)
@@ -129,24 +130,28 @@ def _sweep_stale(directory: Path) -> None:
     """Remove what writers killed mid-write left beside ``directory`` or in it."""
     for stale in [*directory.parent.glob(f".{directory.name}.tmp-*"), *directory.glob(".*.tmp-*")]:
         pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: alive, someone else's
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
 def _verify(directory: Path, config: dict[str, Any], name: str) -> None:
     """Refuse a file whose SHA-256 differs from the one config.json recorded for it."""
     expected = config.get("sha256", {}).get(name)
-    if expected is not None and _sha256(directory / name) != expected:
+    if expected is not None and file_sha256(directory / name) != expected:
         raise CheckpointError(
             f"{directory / name} is corrupt or incomplete: its SHA-256 differs from the one "
             f"{CONFIG_FILE} recorded when it was written"

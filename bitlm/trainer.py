@@ -80,6 +80,11 @@ def clip_gradients(
     return float(norm)
 
 
+def _data_parallel(model: nn.Module) -> bool:
+    """A DDP module or an FSDP2-sharded one: its ranks train on different data."""
+    return isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "set_requires_gradient_sync")
+
+
 @contextlib.contextmanager
 def _grad_sync(model: nn.Module, sync: bool):
     """Skip the gradient all-reduce of DDP / FSDP2 on micro-batches that are not the last."""
@@ -217,11 +222,8 @@ class Trainer:
         seen, self._seen = self._seen, None
         if seen is None:
             return
-        if self.pipeline is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            if isinstance(self.model, nn.parallel.DistributedDataParallel) or hasattr(
-                self.model, "set_requires_gradient_sync"
-            ):
-                dist.all_reduce(seen)
+        if self.pipeline is None and _data_parallel(self.model) and dist.get_world_size() > 1:
+            dist.all_reduce(seen)
         self.base.reference.add(seen)
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,6 @@ pinned dependencies installed, not this checkout on their path.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bitlm.checkpoint import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -160,20 +161,12 @@ def shard_paths(data_dir: str | Path, split: str, verify: bool = True) -> list[s
         path = Path(data_dir) / shard["file"]
         if not path.is_file():
             raise DataError(f"shard {path} is missing ({Path(data_dir) / MANIFEST} lists it): prepare the data again")
-        if verify and "sha256" in shard and _sha256(path) != shard["sha256"]:
+        if verify and "sha256" in shard and file_sha256(path) != shard["sha256"]:
             raise DataError(
                 f"shard {path} is corrupt: its SHA-256 differs from the one {MANIFEST} recorded when it was written"
             )
         paths.append(str(path))
     return paths
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def unpack_bits(packed: Any, n_bits: int) -> np.ndarray:

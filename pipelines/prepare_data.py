@@ -44,6 +44,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from bitlm.bits import bytes_to_bits  # noqa: E402
+from bitlm.checkpoint import file_sha256  # noqa: E402
 from bitlm.config import DataConfig, dump_config, load_config, to_dict  # noqa: E402
 from pipelines.common import MANIFEST, DataError, init_ray  # noqa: E402
 
@@ -258,7 +259,7 @@ def write_shards(ds, out_dir: Path, split: str, rows_per_shard: int) -> list[dic
         table = pa.table({"bits": bits.cast(pa.binary()), "doc_id": batch["doc_id"], "offset": batch["offset"]})
         name = f"{split}-{i:05d}.parquet"
         pq.write_table(table, out_dir / name)
-        digest = hashlib.sha256((out_dir / name).read_bytes()).hexdigest()
+        digest = file_sha256(out_dir / name)
         shards.append({"file": name, "split": split, "rows": table.num_rows, "sha256": digest})
     return shards
 
