@@ -31,7 +31,7 @@ def _docs(copies: int) -> list[dict]:
     from pydoc_data.topics import topics
 
     return [
-        {"source": f"{name}#{c}", "record": 0, "raw": topics[name].encode()}
+        {"source": f"{name}#{c}", "record": 0, "start": 0, "raw": topics[name].encode(), "split": "train"}
         for c in range(copies)
         for name in sorted(topics)
     ]
@@ -47,12 +47,12 @@ def encode_throughput(copies: int) -> dict:
 
     from pipelines.prepare_data import _windows
 
-    kwargs = {"window": 64, "stride": 64, "seed": 0, "val_fraction": 0.1}
+    kwargs = {"window": 64, "stride": 64}
     out = {}
     for n in (1, copies):
         docs = _docs(n)
         total = sum(len(d["raw"]) for d in docs)
-        batch = {k: np.array([d[k] for d in docs], dtype=object) for k in ("source", "record", "raw")}
+        batch = {k: np.array([d[k] for d in docs], dtype=object) for k in ("source", "record", "start", "raw", "split")}
         t = time.perf_counter()
         local = _windows(batch, **kwargs)
         local_s = time.perf_counter() - t
@@ -61,7 +61,7 @@ def encode_throughput(copies: int) -> dict:
         t = time.perf_counter()
         rows = ds.map_batches(_windows, fn_kwargs=kwargs, batch_format="numpy", batch_size=None).materialize().count()
         ray_s = time.perf_counter() - t
-        assert rows == len(local["bits"])
+        assert rows == len(local["bytes"])
         out[n] = {"bytes": total, "in_process_s": local_s, "ray_data_s": ray_s, "ratio": local_s / ray_s}
     small, big = out[1], out[copies]
     marginal_ray = (big["bytes"] - small["bytes"]) / (big["ray_data_s"] - small["ray_data_s"])

@@ -35,7 +35,11 @@ class ModelConfig:
     num_layers: int = 4
     dim_feedforward: int = 512
     max_seq_len: int = 1024
-    dropout: float = 0.1
+    dropout: float = 0.1  # on the embeddings and every block's residual branches
+    # On the attention probabilities. Off by default: any value > 0 takes PyTorch's fused
+    # attention (flash) kernels off the table for the math path, which materializes (B, H, T, T)
+    # probabilities and a mask as large, and doubled the CPU step of byte_patch (issue 16).
+    attn_dropout: float = 0.0
     chunk_size: int | None = None  # local attention window (positions); None = full causal
     reversible: bool = False
     use_checkpoint: bool = False
@@ -57,6 +61,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.attn_dropout < 1.0:
+            raise ConfigError(f"model.attn_dropout must be in [0, 1), got {self.attn_dropout}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"model.chunk_size must be >= 1 or null, got {self.chunk_size}")
         if self.arch not in ("bit", "byte_patch"):
@@ -136,6 +142,7 @@ class DataConfig:
     text_field: str = "text"  # JSON Lines field / parquet column holding the text
     window_bytes: int = 64  # bytes per training window (9 bits each)
     stride_bytes: int | None = None  # None = window_bytes (no overlap)
+    chunk_bytes: int = 1 << 20  # longer documents are cut into pieces this long that split apart
     val_fraction: float = 0.1
     seed: int = 0
     output_dir: str = "data/prepared"
@@ -147,6 +154,10 @@ class DataConfig:
             raise ConfigError(f"data.shuffle_windows must be >= 0, got {self.shuffle_windows}")
         if self.window_bytes < 2:
             raise ConfigError(f"data.window_bytes must be >= 2, got {self.window_bytes}")
+        if self.chunk_bytes < self.window_bytes:
+            raise ConfigError(
+                f"data.chunk_bytes ({self.chunk_bytes}) must be >= data.window_bytes ({self.window_bytes})"
+            )
         if self.stride_bytes is not None and self.stride_bytes < 1:
             raise ConfigError(f"data.stride_bytes must be >= 1, got {self.stride_bytes}")
         if not 0.0 < self.val_fraction < 1.0:

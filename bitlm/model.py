@@ -96,7 +96,7 @@ def _local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: int, 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.nhead, self.chunk_size, self.dropout = cfg.nhead, cfg.chunk_size, cfg.dropout
+        self.nhead, self.chunk_size, self.dropout = cfg.nhead, cfg.chunk_size, cfg.attn_dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
@@ -346,15 +346,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Set the probability of every dropout layer (and the model config) to ``p``."""
+def set_dropout(model: nn.Module, p: float, attention: float | None = None) -> None:
+    """Set the probability of every dropout layer (and ``model.dropout`` in the config) to
+    ``p``; with ``attention``, the attention-probability dropout too (``model.attn_dropout``,
+    else left as it is: see its note in ModelConfig)."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = p
         if isinstance(m, BitTransformerLM):
             m.config.dropout = p
-            for block in m.blocks:
-                block.attn.dropout = p
+            if attention is not None:
+                m.config.attn_dropout = attention
+        if attention is not None and isinstance(m, CausalSelfAttention):
+            m.dropout = attention
 
 
 REFERENCE_KEY = "_reference.counts"  # the reference's counts, beside the weights

@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MANIFEST = "manifest.json"
+FORMAT_VERSION = 2  # shards of window bytes (1: packed bits)
 
 
 # -- Ray -------------------------------------------------------------------------------------
@@ -146,6 +147,11 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
             raise ValueError("no list of shards with file and split")
     except (ValueError, AttributeError, UnicodeDecodeError) as e:
         raise DataError(f"{path} is corrupt ({type(e).__name__}: {e}): prepare the data again") from None
+    if manifest.get("version") != FORMAT_VERSION:
+        raise DataError(
+            f"{path} describes shards of format version {manifest.get('version')}; this bitlm reads version "
+            f"{FORMAT_VERSION} (windows of bytes): prepare the data again"
+        )
     return manifest
 
 
@@ -169,11 +175,21 @@ def shard_paths(data_dir: str | Path, split: str, verify: bool = True) -> list[s
     return paths
 
 
-def unpack_bits(packed: Any, n_bits: int) -> np.ndarray:
-    """Rows of packed bits (a column of equal-length bytes) -> uint8 array (rows, n_bits)."""
-    if isinstance(packed, np.ndarray) and packed.dtype != object and packed.ndim == 2:
-        arr = packed.astype(np.uint8, copy=False)
-    else:
-        rows = list(packed)
-        arr = np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), -1)
-    return np.unpackbits(arr, axis=1)[:, :n_bits]
+def window_bytes(column: Any) -> np.ndarray:
+    """A shard's ``bytes`` column (equal-length binary values, as Ray Data or pyarrow give it)
+    -> uint8 array (rows, window bytes), without a copy per row where the column allows."""
+    if isinstance(column, np.ndarray) and column.dtype != object and column.ndim == 2:
+        return column.astype(np.uint8, copy=False)
+    import pyarrow as pa
+
+    if isinstance(column, (pa.Array, pa.ChunkedArray)):
+        column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        column = column.cast(pa.binary())
+        n = len(column)
+        if n == 0:
+            return np.zeros((0, 0), np.uint8)
+        offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + n + 1]
+        data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+        return data.reshape(n, -1)
+    rows = list(column)
+    return np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), -1)

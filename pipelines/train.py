@@ -67,16 +67,32 @@ def total_steps(cfg: ExperimentConfig, manifest: dict[str, Any]) -> int:
     return max(1, per_worker // (cfg.train.batch_size * cfg.train.accum_steps) * cfg.train.epochs)
 
 
-def ensure_data(cfg: ExperimentConfig, data_dir: str | None = None) -> tuple[str, dict[str, Any]]:
-    """The prepared data directory and its manifest, preparing it first if it holds none."""
+def ensure_data(
+    cfg: ExperimentConfig, data_dir: str | None = None, reprepare: bool = False
+) -> tuple[str, dict[str, Any]]:
+    """The prepared data directory and its manifest, preparing it first if it holds none (or
+    none this bitlm reads). Data prepared from other settings or inputs than ``cfg.data``'s is
+    refused by a DataError that names each difference, or with ``reprepare`` prepared again:
+    a run never trains on stale shards, nor overwrites data it did not make unless told."""
+    from pipelines.prepare_data import check_fresh, prepare
+
     data_dir = str(Path(data_dir or cfg.data.output_dir).resolve())
     try:
         manifest = read_manifest(data_dir)
-    except DataError:
-        from pipelines.prepare_data import prepare
-
-        print(f"no prepared data in {data_dir}: preparing it now")
+    except DataError as e:
+        print(f"preparing {data_dir}: {e}")
         manifest = prepare(cfg.data, output_dir=data_dir)
+    stale = check_fresh(manifest, cfg.data)
+    if stale and reprepare:
+        print(f"preparing {data_dir} again: " + "; ".join(stale))
+        manifest = prepare(cfg.data, output_dir=data_dir)
+    elif stale:
+        raise DataError(
+            f"the prepared data in {data_dir} does not match this run: "
+            + "; ".join(stale)
+            + ". Prepare it again (train.py --reprepare, or pipelines/prepare_data.py with this config), "
+            "or give the settings it was prepared with"
+        )
     if manifest["window_bytes"] * 9 > cfg.model.max_seq_len:
         raise SystemExit(
             f"windows of {manifest['window_bytes']} bytes need model.max_seq_len >= {9 * manifest['window_bytes']}"
@@ -149,18 +165,20 @@ def run(
     resume: bool = False,
     progress: bool = False,
     verbose: bool = False,
+    reprepare: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg`` on Ray; return {run_id, name, checkpoint, model_uri, registered, metrics}.
 
     ``progress`` draws one line that follows the run (pipelines/progress.py); ``verbose``
-    keeps Ray Train's own per-report log lines, which are off otherwise."""
+    keeps Ray Train's own per-report log lines, which are off otherwise; ``reprepare``
+    prepares the data again when it does not match ``cfg.data`` (ensure_data)."""
     cfg.check_platform()
     init_ray()
     check_cluster_paths(
         {"run.storage_path": cfg.run.storage_path, "data.output_dir": data_dir or cfg.data.output_dir},
         tracking_uri(),
     )
-    data_dir, manifest = ensure_data(cfg, data_dir)
+    data_dir, manifest = ensure_data(cfg, data_dir, reprepare)
     client = mlflow_client()
     if resume:
         mlrun = find_run(client, experiment_id(client, cfg.run.experiment), name, cfg.name)
@@ -260,6 +278,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume", action="store_true", help="continue a run from its latest checkpoint, in the same MLflow run"
     )
     ap.add_argument("--verbose", action="store_true", help="keep Ray Train's per-report log lines")
+    ap.add_argument(
+        "--reprepare",
+        action="store_true",
+        help="prepare the data again when it was prepared from other inputs or data settings (else: refused)",
+    )
     return ap.parse_args(argv)
 
 
@@ -267,7 +290,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = load_config(args.config, args.set)
     print(dump_config(cfg))
-    out = run(cfg, args.data, args.name, args.resume, progress=sys.stdout.isatty(), verbose=args.verbose)
+    out = run(
+        cfg, args.data, args.name, args.resume, sys.stdout.isatty(), verbose=args.verbose, reprepare=args.reprepare
+    )
     m = out["metrics"]
     print(
         f"\nrun {out['name']} finished: step {m.get('step')}, loss {m.get('loss', float('nan')):.4f}, val bits/byte {m.get('val_bpb', float('nan')):.3f}"

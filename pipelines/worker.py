@@ -24,18 +24,22 @@ import torch
 import torch.distributed as dist
 
 from bitlm import BitTransformerLM, Trainer, evaluate
+from bitlm.bits import byte_tensor_to_bits
 from bitlm.config import ExperimentConfig, from_dict
 from bitlm.distributed import gather_batch, parallelize
 from bitlm.optim import configure_optimizer, optimizer_param_names
 from bitlm.scale import grow_to
 from pipelines import ray_checkpoint
-from pipelines.common import unpack_bits
+from pipelines.common import window_bytes
 from pipelines.tracking import MetricLog, system_metrics
 
 LOGGED = (
     "loss", "bpb", "parity_bpb", "K", "C", "S", "lr", "grad_norm",
     "compressed", "direct", "noise_scale", "compress_p", "seq_bits",
 )  # fmt: skip
+
+
+EVAL_BATCH = 32  # windows per validation batch
 
 
 def _model_config(model):
@@ -58,7 +62,7 @@ class Worker:
         torch.set_num_threads(self.cfg.run.threads_per_worker)
         torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
         self.device = ray.train.torch.get_device()
-        self.n_bits = 9 * loop_config["window_bytes"]
+        self.pin = self.device.type == "cuda"  # page-locked batches copy to the GPU asynchronously
         self.strategy = self.cfg.run.strategy
         self.multi = dist.is_initialized() and self.world > 1
         state = ray_checkpoint.load(self.rank)
@@ -120,11 +124,11 @@ class Worker:
         (a resumed run skips what it already trained on); a last incomplete step is dropped."""
         group: list[torch.Tensor] = []
         order = (self.cfg.train.seed, self.epoch, self.rank)  # a resumed epoch replays its order
-        batches = _batches(shard, self.cfg.train.batch_size, self.n_bits, self.cfg.data.shuffle_windows, order)
-        for i, bits in enumerate(batches):
+        batches = _batches(shard, self.cfg.train.batch_size, self.cfg.data.shuffle_windows, order, self.pin)
+        for i, rows in enumerate(batches):
             if i < self.batch_in_epoch:
                 continue
-            group.append(bits)
+            group.append(byte_tensor_to_bits(rows.to(self.device, non_blocking=True)))
             if len(group) == self.cfg.train.accum_steps:
                 self.batch_in_epoch = i + 1
                 yield [self._gather(b) for b in group] if self.pipeline is not None else group
@@ -132,7 +136,7 @@ class Worker:
 
     def _gather(self, bits: torch.Tensor) -> torch.Tensor:
         """Every rank's micro-batch, concatenated in rank order (the pipeline's input)."""
-        return gather_batch(bits.to(self.device))
+        return gather_batch(bits)
 
     def all_reduce_max(self, value: float) -> float:
         t = torch.tensor([value], dtype=torch.float64, device=self.device)
@@ -154,32 +158,34 @@ class Worker:
         if self.rank != 0:
             return {}
         tcfg = self.cfg.train
-        return evaluate(model, val, batch_size=32, max_batches=tcfg.eval_batches, amp=tcfg.amp)
+        return evaluate(model, val, EVAL_BATCH, tcfg.eval_batches, tcfg.amp, as_bytes=True)
 
 
-def _batches(shard, batch_size: int, n_bits: int, shuffle: int, seed: tuple[int, ...], per_read: int = 64):
-    """Training batches (B, n_bits) from a worker's Ray Data shard. Windows are read
-    ``per_read`` batches at a time (one Ray Data round trip per read, not per step, which
-    matters when two workers share two cores), shuffled ``shuffle`` at a time while still
-    packed (a window's neighbours in a shard are its document's next windows), and unpacked a
-    batch at a time. The shuffle follows ``seed`` (the run's seed, the epoch, the rank), so an
-    epoch resumed from a checkpoint replays the order it skips."""
+def _batches(shard, batch_size: int, shuffle: int, seed: tuple[int, ...], pin: bool = False, per_read: int = 64):
+    """Training batches of window bytes (B, W) uint8 from a worker's Ray Data shard: bits are
+    made from them on the worker's device. Windows are read ``per_read`` batches at a time (one
+    Ray Data round trip per read, not per step, which matters when two workers share two
+    cores) and shuffled ``shuffle`` at a time (a window's neighbours in a shard are its
+    document's next windows). The shuffle follows ``seed`` (the run's seed, the epoch, the
+    rank), so an epoch resumed from a checkpoint replays the order it skips. ``pin``: batches
+    in page-locked memory, for asynchronous copies to a GPU."""
     rng = np.random.default_rng(list(seed))
     pending: list[np.ndarray] = []
     held = 0
 
     def drain(final: bool):
-        rows = np.concatenate(pending) if pending else np.empty(0, object)
+        rows = np.concatenate(pending) if pending else np.empty((0, 0), np.uint8)
         if shuffle:
             rows = rows[rng.permutation(len(rows))]
         n = len(rows) if final else len(rows) // batch_size * batch_size
         for j in range(0, n - batch_size + 1, batch_size):
-            yield torch.from_numpy(unpack_bits(rows[j : j + batch_size], n_bits)).long()
+            batch = torch.from_numpy(np.ascontiguousarray(rows[j : j + batch_size]))
+            yield batch.pin_memory() if pin else batch
         pending[:] = [rows[n:]]
 
     for chunk in shard.iter_batches(batch_size=batch_size * per_read, batch_format="numpy"):
-        pending.append(chunk["bits"])
-        held += len(chunk["bits"])
+        pending.append(window_bytes(chunk["bytes"]))
+        held += len(pending[-1])
         if held >= max(shuffle, 1):
             yield from drain(final=False)
             held = len(pending[0])
@@ -199,15 +205,22 @@ def _node_ips(world: int) -> list[str]:
 
 
 def _validation(w: Worker) -> torch.Tensor | None:
+    """Rank 0's validation windows as bytes (uint8 (N, W): one byte of memory per byte of
+    text; bits are made a batch at a time on the device), or only the ``train.eval_batches``
+    batches that evaluation reads, spread evenly over the split."""
     import ray.train
 
     if w.rank != 0:
         return None
     rows = [
-        unpack_bits(b["bits"], w.n_bits)
+        window_bytes(b["bytes"])
         for b in ray.train.get_dataset_shard("val").iter_batches(batch_size=1024, batch_format="numpy")
     ]
-    return torch.from_numpy(np.concatenate(rows)).long()
+    val = torch.from_numpy(np.concatenate(rows))
+    keep = w.cfg.train.eval_batches and w.cfg.train.eval_batches * EVAL_BATCH
+    if keep and len(val) > keep:
+        val = val[torch.linspace(0, len(val) - 1, keep).long()].clone()
+    return val
 
 
 def _log_growth(w: Worker, val: torch.Tensor | None, log: MetricLog | None) -> dict[str, float]:
@@ -217,7 +230,7 @@ def _log_growth(w: Worker, val: torch.Tensor | None, log: MetricLog | None) -> d
     if w.rank != 0:
         return after
     tcfg = w.cfg.train  # the same evaluation as the grown model's (device, amp)
-    before = evaluate(w.growth["old_model"].to(w.device), val, 32, tcfg.eval_batches, tcfg.amp)
+    before = evaluate(w.growth["old_model"].to(w.device), val, EVAL_BATCH, tcfg.eval_batches, tcfg.amp, as_bytes=True)
     step = w.trainer.step
     if log is not None:
         metrics = {"growth_val_bpb_before": before["val_bpb"], "growth_val_bpb_after": after["val_bpb"]}

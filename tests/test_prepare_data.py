@@ -7,10 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bitlm import bits_to_text
 from bitlm.config import DataConfig
-from pipelines.common import DataError, unpack_bits
-from pipelines.prepare_data import doc_id, prepare
+from pipelines.common import DataError, window_bytes
+from pipelines.prepare_data import check_fresh, cut_points, doc_id, prepare
 
 GOOD = "The quick brown fox jumps over the lazy dog. Bits all the way down. " * 20
 
@@ -95,12 +94,12 @@ def test_shards_decode_back_to_the_source_text(prepared):
     seen = 0
     for shard in manifest["shards"]:
         table = pq.read_table(out / shard["file"])
-        bits = unpack_bits(table.column("bits").to_pylist(), manifest["bits_per_window"])
-        for row, ident, offset in zip(bits, table.column("doc_id").to_pylist(), table.column("offset").to_pylist()):
+        rows = window_bytes(table.column("bytes"))
+        assert rows.shape == (table.num_rows, 32)
+        for row, ident, offset in zip(rows, table.column("doc_id").to_pylist(), table.column("offset").to_pylist()):
             assert docs[ident]["split"] == shard["split"]  # a document never straddles the split
-            text = bits_to_text(row)  # parity checks pass
             if ident in sources:
-                assert text.encode() == sources[ident][offset : offset + 32]
+                assert row.tobytes() == sources[ident][offset : offset + 32]
                 seen += 1
     assert seen > 10
 
@@ -159,3 +158,105 @@ def test_a_changed_shard_or_a_corrupt_manifest_is_refused_by_name(prepared, tmp_
     manifest.write_text(manifest.read_text()[:50])  # cut short, as a crash mid-write would
     with pytest.raises(DataError, match=f"{manifest} is corrupt"):
         read_manifest(out)
+
+
+def test_cut_points_make_valid_utf8_pieces_near_the_chunk_size():
+    """Pieces start after a line break near each mark, else on a UTF-8 character boundary;
+    they cover the document exactly, and none but the last is shorter than the chunk."""
+    rng = np.random.default_rng(0)
+    words = ["bits", "é", "€uro", "日本語", "🙂", "x" * 30]
+    for newlines in (True, False):
+        text = "".join(
+            rng.choice(words) + ("\n" if newlines and rng.random() < 0.05 else " ") for _ in range(20_000)
+        ).encode()
+        starts = cut_points(text, 4096)
+        pieces = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)])]
+        assert b"".join(pieces) == text and len(pieces) > 10
+        assert all(4096 <= len(p) < 4096 + 4096 // 8 + 4 for p in pieces[:-1])
+        assert 4096 // 4 < len(pieces[-1]) < 2 * 4096
+        for p in pieces:
+            p.decode("utf-8")  # every piece is whole characters
+        if newlines:
+            assert sum(p.endswith(b"\n") for p in pieces[:-1]) >= len(pieces) - 3
+    assert cut_points(b"short", 4096) == [0]
+
+
+def test_one_large_file_still_splits_and_no_window_crosses_a_piece(ray_session, tmp_path):
+    """A corpus that is one file: its pieces go to train and val apart, every window lies
+    inside its piece, and the pieces decode back to the file."""
+    lines = [f"line {i}: the bit model reads {i % 97} bytes of text, with é and € now and then.\n" for i in range(4000)]
+    corpus = tmp_path / "one.txt"
+    corpus.write_text("".join(lines))
+    cfg = DataConfig(window_bytes=64, val_fraction=0.25, seed=1, chunk_bytes=8192)
+    manifest = prepare(cfg, [str(corpus)], str(tmp_path / "out"))
+    s = manifest["splits"]
+    assert s["train"]["windows"] > 0 and s["val"]["windows"] > 0
+    assert s["train"]["documents"] + s["val"]["documents"] > 20
+    docs = sorted(pq.read_table(tmp_path / "out" / "documents.parquet").to_pylist(), key=lambda d: d["start"])
+    raw = corpus.read_bytes()
+    assert sum(d["bytes"] for d in docs) == len(raw) and docs[0]["start"] == 0
+    assert all(a["start"] + a["bytes"] == b["start"] for a, b in zip(docs, docs[1:]))  # contiguous pieces
+    by_id = {d["doc_id"]: d for d in docs}
+    for shard in manifest["shards"]:
+        table = pq.read_table(tmp_path / "out" / shard["file"])
+        rows = window_bytes(table.column("bytes"))
+        for row, ident, offset in zip(rows, table.column("doc_id").to_pylist(), table.column("offset").to_pylist()):
+            d = by_id[ident]
+            assert d["split"] == shard["split"] and offset + 64 <= d["bytes"]  # inside its piece
+            assert row.tobytes() == raw[d["start"] + offset : d["start"] + offset + 64]
+
+
+def test_prepared_data_knows_when_it_is_stale(ray_session, corpus, tmp_path):
+    """The manifest's fingerprint: the same config and files are fresh (a touched file whose
+    content is the same too); a changed setting, a changed, added or removed file is named."""
+    import os
+    import shutil
+    from dataclasses import replace
+
+    src = shutil.copytree(corpus, tmp_path / "corpus")
+    cfg = DataConfig(inputs=[str(src)], window_bytes=32, val_fraction=0.3, seed=3)
+    manifest = prepare(cfg, None, str(tmp_path / "out"))
+    assert check_fresh(manifest, cfg) == []
+    good = src / "good.txt"
+    os.utime(good, ns=(1, 1))  # touched: its time changes, its content does not
+    assert check_fresh(manifest, cfg) == []
+    assert check_fresh(manifest, replace(cfg, window_bytes=16)) == [
+        "data.window_bytes is 16 in the config but 32 in the prepared data"
+    ]
+    assert "data.seed" in check_fresh(manifest, replace(cfg, seed=4))[0]
+    assert "data.inputs" in check_fresh(manifest, replace(cfg, inputs=[str(src / "nested")]))[0]
+    good.write_text(GOOD.replace("fox", "cat"))  # same size, other bytes
+    (src / "new.txt").write_text("A new document. " * 10)
+    (src / "short.txt").unlink()
+    assert check_fresh(manifest, cfg) == [
+        f"input {src / 'new.txt'} is new since the data was prepared",
+        f"input {src / 'short.txt'} is gone since the data was prepared",
+        f"input {good} changed since the data was prepared",
+    ]
+
+
+def test_training_refuses_stale_data_by_name_and_reprepares_when_told(ray_session, tmp_path):
+    """pipelines/train.py's ensure_data: shards of other settings stop the run with the
+    setting's name (nothing is overwritten); --reprepare prepares them again; shards of an
+    older format are prepared again."""
+    from bitlm.config import ExperimentConfig, ModelConfig
+    from pipelines.common import read_manifest
+    from pipelines.train import ensure_data
+
+    out = tmp_path / "prepared"
+    cfg = ExperimentConfig(model=ModelConfig(max_seq_len=576), data=DataConfig(window_bytes=64, output_dir=str(out)))
+    _, manifest = ensure_data(cfg)  # none there: prepared
+    assert manifest["window_bytes"] == 64
+    cfg.data.window_bytes = 32
+    with pytest.raises(DataError, match="data.window_bytes is 32 in the config but 64 in the prepared data"):
+        ensure_data(cfg)
+    assert read_manifest(out)["window_bytes"] == 64  # refused, not overwritten
+    _, manifest = ensure_data(cfg, reprepare=True)
+    assert manifest["window_bytes"] == 32 and check_fresh(read_manifest(out), cfg.data) == []
+    path = out / "manifest.json"
+    old = json.loads(path.read_text())
+    path.write_text(json.dumps({**old, "version": 1}))
+    with pytest.raises(DataError, match="format version 1"):
+        read_manifest(out)
+    _, manifest = ensure_data(cfg)  # an older format is prepared again
+    assert manifest["version"] == 2

@@ -1,6 +1,7 @@
 """pipelines/train.py and pipelines/evaluate.py: real Ray Train runs, a real MLflow store."""
 
 import pytest
+import torch
 
 from bitlm import BitTransformerLM, load_config
 from bitlm.config import DataConfig, apply_overrides
@@ -140,19 +141,19 @@ def test_training_windows_are_shuffled_by_seed_epoch_and_rank(data_dir):
     import ray
 
     from pipelines.common import shard_paths
-    from pipelines.evaluate import load_windows
+    from pipelines.evaluate import load_window_bytes
     from pipelines.worker import _batches
 
     ds = ray.data.read_parquet(shard_paths(data_dir, "train"))
-    n_bits = 9 * 16
 
     def order(shuffle, seed):
-        batches = list(_batches(ds, 8, n_bits, shuffle, seed, per_read=4))
+        batches = list(_batches(ds, 8, shuffle, seed, per_read=4))
+        assert all(b.dtype == torch.uint8 and b.shape == (8, 16) for b in batches)  # window bytes
         return [tuple(row.tolist()) for b in batches for row in b]
 
     from collections import Counter
 
-    shard = Counter(tuple(r.tolist()) for r in load_windows(data_dir, "train")[0])
+    shard = Counter(tuple(r.tolist()) for r in load_window_bytes(data_dir, "train"))
     n = sum(shard.values()) // 8 * 8  # whole batches; the last partial one is dropped
     first, again, later = order(8192, (0, 0, 0)), order(8192, (0, 1, 0)), order(8192, (0, 0, 0))
     small, plain = order(64, (0, 0, 0)), order(0, (0, 0, 0))  # a bounded buffer; no shuffle
