@@ -3,17 +3,35 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# TORCH=cuda installs torch's CUDA build (constraints-cuda.txt) in place of the CPU one; the venv
+# remembers the choice, so later targets keep it until another `make install TORCH=...`.
+TORCH ?= $(shell cat $(VENV)/.torch 2>/dev/null || echo cpu)
+ifeq ($(TORCH),cpu)
+CONSTRAINTS := constraints.txt
+else ifeq ($(TORCH),cuda)
+CONSTRAINTS := $(VENV)/constraints-cuda.txt
+else
+$(error TORCH must be cpu or cuda, got '$(TORCH)')
+endif
+STAMP := $(VENV)/.installed$(if $(filter cuda,$(TORCH)),-cuda)
 
 .PHONY: install system-deps test demo serve fuzz bench lint format clean cluster-up cluster-down
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade "pip==$$(sed -n 's/^pip==//p' constraints.txt)"
-	$(PIP) install --quiet -c constraints.txt setuptools wheel
-	$(PIP) install --quiet -c constraints.txt --no-build-isolation -e ".[platform,dev]"
+	$(PIP) install --quiet -c $(CONSTRAINTS) setuptools wheel
+	$(PIP) install --quiet -c $(CONSTRAINTS) --no-build-isolation -e ".[platform,dev]"
+	test $(TORCH) = cpu || $(PY) -c 'import sys, torch; sys.exit(None if torch.version.cuda else "TORCH=cuda installed torch " + torch.__version__ + ", a CPU build")'
+	rm -f $(VENV)/.installed $(VENV)/.installed-*
+	echo $(TORCH) > $(VENV)/.torch
 	touch $(STAMP)
+
+# constraints.txt with its torch pin replaced by the CUDA build's pins.
+$(VENV)/constraints-cuda.txt: constraints.txt constraints-cuda.txt
+	mkdir -p $(VENV)
+	sed '/^torch==/d' constraints.txt | cat - constraints-cuda.txt > $@
 
 install: $(STAMP)
 

@@ -34,7 +34,7 @@ from .telemetry import (
     negentropy_logits,
     symbiosis_score,
 )
-from .torch_utils import cpu_autocast
+from .torch_utils import GeneratorDeviceError, cpu_autocast
 from .trainer import Trainer
 
 __version__ = "0.1.0"
@@ -50,6 +50,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataConfig",
+    "GeneratorDeviceError",
     "ExperimentConfig",
     "KVCache",
     "ModelConfig",

@@ -195,7 +195,7 @@ def compress_bits(bits: Any) -> Any:
     The output is a flat sequence of ``(bit, run_length)`` pairs,
     ``[b0, n0, b1, n1, ...]`` with ``1 <= n <= 255``; runs longer than 255 are split into
     several pairs with the same bit. ``[0, 0, 0, 1, 1]`` becomes ``[0, 3, 1, 2]``. Returned as
-    the input's kind (tensors as uint8).
+    the input's kind (tensors as uint8, on the input's device).
     """
     arr = _as_numpy_bits(bits)
     if arr.ndim != 1:
@@ -229,13 +229,13 @@ def decompress_bits(compressed: Any) -> Any:
         raise ValueError("compressed bits hold an invalid pair (bit not 0/1 or run not 1..255)")
     out = np.repeat(values.astype(np.uint8), lengths)
     if isinstance(compressed, torch.Tensor):
-        return torch.from_numpy(out).long()
+        return torch.from_numpy(out).long().to(compressed.device)
     return out if isinstance(compressed, np.ndarray) else out.tolist()
 
 
 def _like_rle(arr: np.ndarray, template: Any) -> Any:
     if isinstance(template, torch.Tensor):
-        return torch.from_numpy(arr)
+        return torch.from_numpy(arr).to(template.device)
     return arr if isinstance(template, np.ndarray) else arr.tolist()
 
 

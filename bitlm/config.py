@@ -94,8 +94,9 @@ class TrainConfig:
     max_steps: int | None = None
     max_seconds: float | None = None
     grad_clip: float = 1.0
-    amp: bool = False
+    amp: bool = False  # bf16 autocast, on CPU and CUDA alike
     compile_model: bool = False
+    fused_adamw: bool = False  # AdamW's fused kernel (CPU and CUDA): one launch per step, not per tensor
     seed: int = 0
     eval_every: int = 100
     eval_batches: int = 16
@@ -267,6 +268,7 @@ class SweepConfig:
     ``{type: choice|grid, values: [...]}``, ``{type: uniform|loguniform, low: .., high: ..}``
     or ``{type: randint, low: .., high: ..}``."""
 
+    SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")  # not a field: no annotation
     name: str = "sweep"
     base: str = "configs/tiny.yaml"  # the experiment every trial starts from
     set: list[str] = field(default_factory=list)  # overrides of the base for every trial
@@ -281,13 +283,7 @@ class SweepConfig:
 
     def __post_init__(self) -> None:
         for key, spec in self.space.items():
-            if not isinstance(spec, dict) or spec.get("type") not in (
-                "choice",
-                "grid",
-                "uniform",
-                "loguniform",
-                "randint",
-            ):
+            if not isinstance(spec, dict) or spec.get("type") not in self.SAMPLERS:
                 raise ConfigError(f"sweep.space.{key}: needs a type of choice, grid, uniform, loguniform or randint")
             if spec["type"] in ("choice", "grid") and not isinstance(spec.get("values"), list):
                 raise ConfigError(f"sweep.space.{key}: {spec['type']} needs a list of values")

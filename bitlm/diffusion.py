@@ -19,24 +19,28 @@ import torch
 
 from .bits import enforce_parity
 from .schedules import noise_level
+from .torch_utils import draw_device
 
 
 def corrupt(bits: torch.Tensor, level: torch.Tensor | float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace each bit by a coin flip with probability ``level`` ((B,) or scalar)."""
+    """Replace each bit by a coin flip with probability ``level`` ((B,) or scalar). The coins
+    are drawn on ``generator``'s device (default: the bits'), the result is on the bits'."""
     level = torch.as_tensor(level, dtype=torch.float32, device=bits.device)
     if level.dim() == 1:
         level = level[:, None]
-    u = torch.rand(bits.shape, generator=generator, device=bits.device)
-    coins = torch.randint(0, 2, bits.shape, generator=generator, device=bits.device)
+    where = draw_device(generator, bits.device)
+    u = torch.rand(bits.shape, generator=generator, device=where).to(bits.device)
+    coins = torch.randint(0, 2, bits.shape, generator=generator, device=where).to(bits.device)
     return torch.where(u < level, coins, bits)
 
 
 def diffusion_levels(
     batch_size: int, schedule: str, scale: float = 1.0, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Noise level per sequence (B,): u = noise_level(s, schedule) * scale with s ~ U(0, 1]."""
-    s = 1.0 - torch.rand(batch_size, generator=generator)
-    return torch.tensor([noise_level(float(x), schedule) for x in s]) * scale
+    """Noise level per sequence (B,), on the CPU: u = noise_level(s, schedule) * scale with
+    s ~ U(0, 1], drawn on ``generator``'s device."""
+    s = 1.0 - torch.rand(batch_size, generator=generator, device=draw_device(generator, "cpu"))
+    return torch.tensor([noise_level(x, schedule) for x in s.tolist()]) * scale
 
 
 @torch.no_grad()
@@ -54,6 +58,9 @@ def diffusion_generate(
 
     The window is the prompt's most recent bytes plus the continuation, within the context.
     With ``return_logits`` also returns the last round's logits for the new bits (B, 9n, 2).
+    Every draw is made on ``generator``'s device (default: the model's) and moved to the
+    model's: a CPU generator gives the same bytes from a model on any device, up to the
+    model's own arithmetic.
     """
     prompt = torch.as_tensor(prompt_bits).long()
     if prompt.dim() == 1:
@@ -66,7 +73,8 @@ def diffusion_generate(
         raise ValueError(f"{max_new_bytes} new bytes do not fit the {limit // 9}-byte context with a prompt")
     device = next(model.parameters()).device
     context = prompt[:, max(0, prompt.size(1) - (limit - n)) :].to(device)
-    region = torch.randint(0, 2, (prompt.size(0), n), generator=generator, device="cpu").to(device)
+    where = draw_device(generator, device)
+    region = torch.randint(0, 2, (prompt.size(0), n), generator=generator, device=where).to(device)
     was_training = model.training
     model.eval()
     try:
@@ -76,9 +84,9 @@ def diffusion_generate(
                 region = logits.argmax(-1)
             else:
                 probs = torch.softmax(logits.float() / temperature, -1).reshape(-1, 2)
-                region = torch.multinomial(probs.cpu(), 1, generator=generator).view(region.shape).to(device)
+                region = torch.multinomial(probs.to(where), 1, generator=generator).view(region.shape).to(device)
             if k > 1:
-                region = corrupt(region.cpu(), noise_level((k - 1) / steps, schedule), generator).to(device)
+                region = corrupt(region, noise_level((k - 1) / steps, schedule), generator)
     finally:
         model.train(was_training)
     out = torch.cat([prompt.to(device), enforce_parity(region)], 1)

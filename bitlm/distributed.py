@@ -349,9 +349,18 @@ def parallelize(model: nn.Module, strategy: str) -> tuple[nn.Module, PipelineMod
     return pipeline.stage, pipeline
 
 
+def group_device(group: Any = None) -> torch.device:
+    """The device a collective of ``group`` (default: the whole world) runs on: this rank's
+    CUDA device under nccl, which takes CUDA tensors only; the CPU under gloo."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def gather_batch(bits: torch.Tensor) -> torch.Tensor:
     """Every rank's batch (B, T) concatenated in rank order (a collective; the pipeline's input,
-    so the data of every rank trains)."""
+    so the data of every rank trains), on the process group's device (``group_device``)."""
+    bits = bits.to(group_device()).contiguous()
     parts = [torch.empty_like(bits) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, bits.contiguous())
+    dist.all_gather(parts, bits)
     return torch.cat(parts)

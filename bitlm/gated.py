@@ -227,10 +227,9 @@ def stream_batch(
     device = next(model.parameters()).device
     if strategy == "diffusion":
         _check_diffusion(model)
-        generator = None if seeds[0] is None else torch.Generator().manual_seed(seeds[0])
-        steps = _diffusion_bytes(model, prompt_bits, max(max_new_bytes), generator)
+        steps = _diffusion_bytes(model, prompt_bits, max(max_new_bytes), _generators(seeds[:1], device)[0])
     else:
-        temps, tops = torch.tensor(temperature), torch.tensor(top_p)
+        temps, tops = torch.tensor(temperature, device=device), torch.tensor(top_p, device=device)
         steps = iter_generate(model, prompt_bits, max(max_new_bytes), temps, tops, _generators(seeds, device))
     return _gated(model, prompt_bits, steps, max_new_bytes, gate)
 

@@ -65,6 +65,7 @@ class _Loop:
         self.total = cfg.max_steps or self.steps_per_epoch * cfg.epochs
         self.trainer = Trainer(model, cfg, optimizer, total_steps=self.total)
         self.history = TrainHistory(model=model)
+        # The data order and the growth perturbations: drawn on the CPU, the same on any device.
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.start = time.perf_counter()
         self.rule = None
@@ -84,6 +85,10 @@ class _Loop:
             return True
         return cfg.max_seconds is not None and self.elapsed() >= cfg.max_seconds
 
+    def epoch_order(self) -> torch.Tensor:
+        """A shuffled order of the windows, on their device (one copy an epoch, not a batch)."""
+        return torch.randperm(len(self.windows), generator=self.generator).to(self.windows.device)
+
     def micro_batches(self, epoch_order: torch.Tensor):
         per_step = self.cfg.batch_size * self.cfg.accum_steps
         for i in range(0, max(1, len(epoch_order) - per_step + 1), per_step):
@@ -93,7 +98,7 @@ class _Loop:
     def run(self) -> TrainHistory:
         cfg, epoch = self.cfg, 0
         for epoch in range(cfg.epochs):
-            for micro in self.micro_batches(torch.randperm(len(self.windows), generator=self.generator)):
+            for micro in self.micro_batches(self.epoch_order()):
                 progress = self.elapsed() / cfg.max_seconds if cfg.max_seconds and not cfg.max_steps else None
                 record = self.trainer.train_step(micro, progress)
                 record.update(epoch=epoch, seconds=self.elapsed(), params=unwrap(self.trainer.model).num_parameters())

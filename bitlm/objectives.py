@@ -45,6 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -54,6 +55,7 @@ from .config import ModelConfig, TrainConfig
 from .diffusion import corrupt, diffusion_levels
 from .schedules import compress_probability, diffusion_noise_scale, sequence_length
 from .telemetry import telemetry_summary
+from .torch_utils import check_cpu_generator
 
 LN2 = math.log(2)
 
@@ -114,14 +116,13 @@ def _masked_mean(nll: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 def compressed_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each window replaced by its run-length-compressed form (bitlm.bits.rle_bit_stream),
     cut or zero-padded to the window length, and a (B, T) mask of the real positions."""
-    B, T = batch.shape
-    out = torch.zeros_like(batch)
-    mask = torch.zeros(B, T, dtype=torch.bool, device=batch.device)
-    for i, row in enumerate(batch.cpu().numpy()):  # one call per window; vectorized within it
-        stream = torch.from_numpy(rle_bit_stream(row)[:T]).to(batch.device)
-        out[i, : stream.numel()] = stream
-        mask[i, : stream.numel()] = True
-    return out, mask
+    rows = batch.cpu().numpy()  # the codec is numpy: one copy to the host and one back
+    out, mask = np.zeros_like(rows), np.zeros(rows.shape, dtype=bool)
+    for i, row in enumerate(rows):  # one call per window; vectorized within it
+        stream = rle_bit_stream(row)[: rows.shape[1]]
+        out[i, : stream.size] = stream
+        mask[i, : stream.size] = True
+    return torch.from_numpy(out).to(batch.device), torch.from_numpy(mask).to(batch.device)
 
 
 def data_bit_mask(T: int, device: torch.device | None = None) -> torch.Tensor:
@@ -166,9 +167,12 @@ class BitObjective:
 
     ``plan(batch, step)`` draws the micro-batch's objective and builds its :class:`Plan`;
     ``loss(logits, telemetry, plan)`` scores the model's output; calling the objective with a
-    forward function does both around one forward pass. ``generator`` (CPU) decides every draw,
-    so a run's objectives follow from the seed and the step, and resume exactly with its
-    state; ``rank`` varies the diffusion noise between data-parallel ranks."""
+    forward function does both around one forward pass. ``generator`` decides every draw, so a
+    run's objectives follow from the seed and the step, and resume exactly with its state;
+    ``rank`` varies the diffusion noise between data-parallel ranks. It is a CPU generator on
+    every device (a GeneratorDeviceError otherwise): its draws are decisions the host makes,
+    the same on any device, and its state restores anywhere. The noise tensors themselves are
+    drawn on the batch's device, by a generator built there from a seed it draws."""
 
     def __init__(
         self,
@@ -180,6 +184,15 @@ class BitObjective:
     ):
         self.cfg, self.model_config, self.total_steps, self.rank = cfg, model_config, total_steps, rank
         self.generator = generator if generator is not None else torch.Generator().manual_seed(cfg.seed)
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self._generator
+
+    @generator.setter
+    def generator(self, generator: torch.Generator) -> None:
+        check_cpu_generator(generator, "BitObjective")
+        self._generator = generator
 
     def _draw(self, p: float) -> bool:
         return p > 0 and float(torch.rand((), generator=self.generator)) < p
@@ -203,7 +216,7 @@ class BitObjective:
             return Plan(batch, batch, mask, True, stats)
         scale = diffusion_noise_scale(step, self.total_steps) if cfg.diffusion_curriculum else 1.0
         levels = diffusion_levels(B, cfg.noise_schedule, scale, self.generator)
-        # Noise is drawn on the batch's device from a seed the CPU generator gives.
+        # Noise is drawn on the batch's device (no host round trip) from a seed the CPU generator gives.
         seed = int(torch.randint(0, 2**62, (), generator=self.generator)) + self.rank
         noise = torch.Generator(device=batch.device).manual_seed(seed)
         stats["noise_scale"], stats["denoise"] = scale, 1.0

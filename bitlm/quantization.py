@@ -10,7 +10,9 @@ these ~150 lines keep every formula visible. Only ``nn.Linear`` layers are quant
 int8 dynamic (``quantize_dynamic``): weights are stored as int8 with one scale per output
 channel, ``s_w = max|W_row| / 127``; each input row is quantized on the fly with
 ``s_x = max|x_row| / 127``; then ``y = (q_x @ q_w^T) * s_x * s_w + b`` with an int8 x int8 ->
-int32 matrix product.
+int32 matrix product. On CUDA that product is cuBLAS's, which takes more than 16 rows and
+inner and output sizes that are multiples of 8: smaller operands are padded with zeros, which
+add nothing to the products kept (``_int_mm``).
 
 4-bit QAT (``prepare_qat_fx`` / ``convert_qat_fx``): weights are fake-quantized in groups of
 ``group_size`` input features to the 16 levels -8..7 with ``s = max|W_group| / 7.5``, rounding
@@ -52,31 +54,51 @@ def _dequantize(y: torch.Tensor, s: torch.Tensor, w_scale: torch.Tensor, bias: t
     return y if bias is None else y + bias
 
 
+_CUBLAS_MIN_ROWS = 17  # torch._int_mm on CUDA: "self.size(0) needs to be greater than 16"
+
+
+def _int_mm(q: torch.Tensor, w: torch.Tensor, cublas: bool | None = None) -> torch.Tensor:
+    """``q`` (M, K) int8 @ ``w`` (K, N) int8 -> (M, N) int32, exactly, for any M, K, N.
+
+    ``cublas`` (default: on CUDA) keeps to cuBLAS's int8 GEMM limits: fewer than 17 rows get
+    zero rows (one decoding step has one), and K and N are padded to multiples of 8 with zero
+    columns of ``q`` and zero rows and columns of ``w`` (an output head has N = 2); the padded
+    products are sliced off. The CPU kernel takes any shape as it is."""
+    if not (q.is_cuda if cublas is None else cublas):
+        return torch._int_mm(q, w)
+    (M, K), N = q.shape, w.size(1)
+    pad_k, pad_n = -K % 8, -N % 8
+    if pad_k or pad_n:
+        w = F.pad(w, (0, pad_n, 0, pad_k))
+    if pad_k or M < _CUBLAS_MIN_ROWS:
+        q = F.pad(q, (0, pad_k, 0, max(0, _CUBLAS_MIN_ROWS - M)))
+    return torch._int_mm(q, w)[:M, :N]
+
+
 # Large inputs (prefill, evaluation, batched serving) spend more time in the elementwise
 # quantize/dequantize passes than in the int8 GEMM unless they are fused into one pass each;
 # torch.compile does that. Single rows (one decoding step) stay eager: there the fused
 # kernels' call overhead is the larger cost.
 _FUSE_MIN_ROWS = 256
-_FUSED: dict[str, object] = {}
+_FUSED: dict[tuple[str, str], object] = {}
 
 
-def _fused(name: str):
-    if name not in _FUSED:
+def _fused(name: str, device: torch.device):
+    """The compiled pass ``name`` for ``device``'s type, tried there once (a machine may
+    compile for one device type and not the other); eager where compiling fails."""
+    key = (name, device.type)
+    if key not in _FUSED:
         fn = _quantize_rows if name == "quantize" else _dequantize
         try:
-            _FUSED[name] = torch.compile(fn, dynamic=True)
+            _FUSED[key] = torch.compile(fn, dynamic=True)
             if name == "quantize":
-                _FUSED[name](torch.ones(_FUSE_MIN_ROWS, 8))
+                _FUSED[key](torch.ones(_FUSE_MIN_ROWS, 8, device=device))
             else:
-                _FUSED[name](
-                    torch.ones(_FUSE_MIN_ROWS, 8, dtype=torch.int32),
-                    torch.ones(_FUSE_MIN_ROWS, 1),
-                    torch.ones(8),
-                    torch.ones(8),
-                )
+                rows, cols = torch.ones(_FUSE_MIN_ROWS, 1, device=device), torch.ones(8, device=device)
+                _FUSED[key](torch.ones(_FUSE_MIN_ROWS, 8, dtype=torch.int32, device=device), rows, cols, cols)
         except Exception:  # noqa: BLE001 - no compiler here: stay eager
-            _FUSED[name] = fn
-    return _FUSED[name]
+            _FUSED[key] = fn
+    return _FUSED[key]
 
 
 class Int8DynamicLinear(nn.Module):
@@ -97,11 +119,11 @@ class Int8DynamicLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
         if x2.size(0) >= _FUSE_MIN_ROWS:
-            q, s = _fused("quantize")(x2)
-            y = _fused("dequantize")(torch._int_mm(q, self.weight_int8), s, self.weight_scale, self.bias)
+            q, s = _fused("quantize", x2.device)(x2)
+            y = _fused("dequantize", x2.device)(_int_mm(q, self.weight_int8), s, self.weight_scale, self.bias)
         else:
             q, s = _quantize_rows(x2)
-            y = _dequantize(torch._int_mm(q, self.weight_int8), s, self.weight_scale, self.bias)
+            y = _dequantize(_int_mm(q, self.weight_int8), s, self.weight_scale, self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

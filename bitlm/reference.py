@@ -69,11 +69,12 @@ class Reference:
 
     def tables(self) -> tuple[torch.Tensor, float]:
         """(surprisal table (257, 256) in bits: row a = -log2 r(. | a), row 256 the unigram's;
-        H_ref). The built-in corpus's when nothing was recorded."""
-        if self.recorded_bytes == 0:
-            return builtin_reference().tables()
+        H_ref). The built-in corpus's when nothing was recorded. Computed on the counts' device
+        (no copy to the host and back), once per change of the counts."""
         if self._tables is None:
-            self._tables = _tables(self.counts.cpu())
+            if self.recorded_bytes == 0:
+                return builtin_reference().tables()
+            self._tables = _tables(self.counts)
         return self._tables
 
     def surprisal(self, values: torch.Tensor, prev: torch.Tensor | None = None) -> torch.Tensor:

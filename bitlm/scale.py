@@ -38,6 +38,7 @@ import torch.nn as nn
 from .config import ModelConfig
 from .model import BitTransformerLM, unwrap
 from .optim import configure_optimizer
+from .torch_utils import draw_device
 
 STRATEGIES = ("depth", "width", "context")
 
@@ -95,15 +96,20 @@ def _expand_context(model: BitTransformerLM, factor: int) -> BitTransformerLM:
 
 
 class _Widener:
-    """Index maps from new features to old ones, and the duplication rules that use them."""
+    """Index maps from new features to old ones, and the duplication rules that use them. The
+    maps live on the model's device; the perturbation is drawn on the generator's (bitlm.torch_utils)."""
 
-    def __init__(self, d: int, ff: int, nhead: int, factor: int, noise: float, generator):
-        self.factor, self.noise, self.generator = factor, noise, generator
-        self.resid = torch.arange(d * factor) % d  # residual layout [x, x, ...]
-        self.hidden = torch.arange(ff * factor) % ff
+    def __init__(self, d: int, ff: int, nhead: int, factor: int, noise: float, generator, device: torch.device):
+        self.factor, self.noise, self.generator, self.device = factor, noise, generator, device
+        self.resid = torch.arange(d * factor, device=device) % d  # residual layout [x, x, ...]
+        self.hidden = torch.arange(ff * factor, device=device) % ff
         D = d // nhead
-        j = torch.arange(d * factor)
+        j = torch.arange(d * factor, device=device)
         self.heads = (j // (D * factor)) * D + (j % (D * factor)) % D  # per head [h, h, ...]
+
+    def copies(self, n: int, factor: int = 1) -> torch.Tensor:
+        """The map of ``n`` features to ``n * factor`` copies (1: the identity)."""
+        return torch.arange(n * factor, device=self.device) % n
 
     def rows(self, w: torch.Tensor, out_map: torch.Tensor) -> torch.Tensor:
         """Repeat output rows (writers of duplicated features)."""
@@ -116,7 +122,8 @@ class _Widener:
         if self.noise:
             n_old = int(in_map.max()) + 1
             std = float(w.std()) if w.numel() > 1 else 1.0
-            e = torch.randn(w.size(0), n_old, generator=self.generator).to(w) * (self.noise * std)
+            where = draw_device(self.generator, w.device)
+            e = torch.randn(w.size(0), n_old, generator=self.generator, device=where).to(w) * (self.noise * std)
             copy_index = _copy_number(in_map)
             sign = torch.where(copy_index % 2 == 0, 1.0, -1.0).to(w)
             paired = (copy_index < (self.factor // 2) * 2).to(w)  # an odd last copy gets no noise
@@ -127,6 +134,7 @@ class _Widener:
         w = self.cols(self.rows(lin.weight.detach(), out_map), in_map)
         b = self.rows(lin.bias.detach(), out_map) if lin.bias is not None else None
         if out_scale is not None:
+            out_scale = out_scale.to(w)
             w, b = w * out_scale[:, None], (b * out_scale if b is not None else None)
         return {"weight": w, "bias": b}
 
@@ -137,14 +145,15 @@ def _copy_number(in_map: torch.Tensor) -> torch.Tensor:
     sorted_map = in_map[order]
     first = torch.searchsorted(sorted_map, sorted_map)  # index of the first copy of each value
     number = torch.empty_like(in_map)
-    number[order] = torch.arange(in_map.numel()) - first
+    number[order] = torch.arange(in_map.numel(), device=in_map.device) - first
     return number
 
 
 def _expand_width(model: BitTransformerLM, factor: int, noise: float, generator) -> BitTransformerLM:
     cfg = model.config
     new = _new_model(model, d_model=cfg.d_model * factor, dim_feedforward=cfg.dim_feedforward * factor)
-    wd = _Widener(cfg.d_model, cfg.dim_feedforward, cfg.nhead, factor, noise, generator)
+    device = next(model.parameters()).device
+    wd = _Widener(cfg.d_model, cfg.dim_feedforward, cfg.nhead, factor, noise, generator, device)
     d = cfg.d_model
     state: dict[str, torch.Tensor] = {}
     old = model.state_dict()
@@ -160,7 +169,7 @@ def _expand_width(model: BitTransformerLM, factor: int, noise: float, generator)
         elif ".ln" in name or name.startswith("ln_f"):  # norms: per residual feature
             state[name] = tensor[wd.resid]
     qkv_out = torch.cat([wd.heads + i * d for i in range(3)])  # q, k, v blocks, each per head
-    q_scale = torch.ones(3 * d * factor)
+    q_scale = torch.ones(3 * d * factor, device=device)
     q_scale[: d * factor] = factor**-0.5
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}"
@@ -172,13 +181,11 @@ def _expand_width(model: BitTransformerLM, factor: int, noise: float, generator)
         if not isinstance(module, nn.Linear):
             continue
         if name.endswith("_fc"):  # an MLP's first layer: hidden units are duplicated too
-            hidden = torch.arange(module.out_features * factor) % module.out_features
-            put(f"io.{name}", wd.linear(module, hidden, wd.resid))
+            put(f"io.{name}", wd.linear(module, wd.copies(module.out_features, factor), wd.resid))
         elif name.endswith("_proj"):  # an MLP's second layer writes the stream
-            hidden = torch.arange(module.in_features * factor) % module.in_features
-            put(f"io.{name}", wd.linear(module, wd.resid, hidden))
+            put(f"io.{name}", wd.linear(module, wd.resid, wd.copies(module.in_features, factor)))
         else:  # output heads read the stream
-            put(f"io.{name}", wd.linear(module, torch.arange(module.out_features), wd.resid))
+            put(f"io.{name}", wd.linear(module, wd.copies(module.out_features), wd.resid))
     missing = sorted(set(new.state_dict()) - set(state))
     if missing:
         raise NotImplementedError(f"width expansion does not know how to widen {missing}")
@@ -196,7 +203,11 @@ def expand_optimizer(
     parameter whose name and shape are unchanged; new or reshaped parameters start fresh."""
     groups = optimizer.param_groups
     new_opt = configure_optimizer(
-        new_model, lr=groups[0]["lr"], weight_decay=groups[0]["weight_decay"], betas=groups[0].get("betas", (0.9, 0.95))
+        new_model,
+        lr=groups[0]["lr"],
+        weight_decay=groups[0]["weight_decay"],
+        betas=groups[0].get("betas", (0.9, 0.95)),
+        fused=bool(groups[0].get("fused")),
     )
     old_params = dict(old_model.named_parameters())
     for name, p in new_model.named_parameters():

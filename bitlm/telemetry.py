@@ -276,9 +276,10 @@ def logit_telemetry(
     mode (``causal=False``) the input is noisy: K is the expected form (the predictions' own
     entropy), C and S judge the input."""
     B, T = bits.shape
-    data = data_bits_of(bits, offset).cpu().numpy().astype(np.uint8)
     rows = np.unique(np.linspace(0, B - 1, min(B, MAX_LZ_ROWS)).round().astype(int))
-    c = torch.tensor([lz_complexity(data[r]) if data.shape[1] >= 2 else 1.0 for r in rows], device=logits.device)
+    # LZ76 parses on the host: only the rows it measures leave the device.
+    data = data_bits_of(bits[torch.as_tensor(rows, device=bits.device)], offset).cpu().numpy().astype(np.uint8)
+    c = torch.tensor([lz_complexity(row) if data.shape[1] >= 2 else 1.0 for row in data], device=logits.device)
     c = c.mean()
     with torch.set_grad_enabled(torch.is_grad_enabled() and grad[0]):
         if causal and T > 1:

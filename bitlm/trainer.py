@@ -131,8 +131,12 @@ class Trainer:
     ``objective`` defaults to the bit objective of ``model``'s config (bitlm.objectives); any
     callable ``objective(forward, batch, step) -> (loss, stats)`` trains instead (the byte-level
     GPT of the benchmarks). The trainer's seeded generator draws the objectives, and it is part
-    of ``state_dict``, so a resumed run continues its draws. ``grown_at`` is the step the model
-    last grew (the learning rate re-warms after it, see ``lr_at``).
+    of ``state_dict``, so a resumed run continues its draws. It is a CPU generator whatever the
+    model's device: it draws host-side decisions (which objective, which noise level, the seed
+    of the batch's noise, which is then drawn on the batch's device), so a run draws the same
+    on any device and its saved state restores on any other. ``grown_at`` is the step the model
+    last grew (the learning rate re-warms after it, see ``lr_at``). Without an ``optimizer`` it
+    builds ``configure_optimizer``'s AdamW, fused with ``cfg.fused_adamw``.
     """
 
     def __init__(
@@ -149,7 +153,7 @@ class Trainer:
         self.module = pipeline.stage if pipeline is not None else model  # what holds the parameters
         if pipeline is not None and cfg.compile_model:
             raise ValueError("train.compile_model is not supported on a pipeline stage")
-        self.optimizer = optimizer or configure_optimizer(self.module, cfg.lr, cfg.weight_decay)
+        self.optimizer = optimizer or configure_optimizer(self.module, cfg.lr, cfg.weight_decay, fused=cfg.fused_adamw)
         self.step = 0
         self._seen: torch.Tensor | None = None  # byte counts of this step's data, see _record_data
         self.grown_at: int | None = None

@@ -48,8 +48,12 @@ def load(rank: int) -> dict[str, Any] | None:
 
 
 def _read(d: Path, rank: int) -> dict[str, Any]:
+    """Everything on the CPU, whatever the worker's device: the model is built there, may be
+    grown there (pipelines/worker.py), then moves to the device once; loading the weights onto
+    a GPU first would copy them back into the CPU-built model. The optimizer's load places its
+    state on its parameters' devices (Optimizer.load_state_dict)."""
     state = load_training_state(d) or {}
-    state["model"] = load_pretrained(d)
+    state["model"] = load_pretrained(d, map_location="cpu")
     rank_file = d / f"optimizer_rank{rank}.pt"
     if rank_file.exists():
         state["optimizer"] = torch.load(rank_file, map_location="cpu", weights_only=True)

@@ -32,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bitlm.config import ExperimentConfig, dump_config, load_config, to_dict  # noqa: E402
+from bitlm.config import ConfigError, ExperimentConfig, dump_config, load_config, to_dict  # noqa: E402
 from pipelines.common import (  # noqa: E402
     DataError,
     check_cluster_paths,
@@ -98,6 +98,20 @@ def ensure_data(
             f"windows of {manifest['window_bytes']} bytes need model.max_seq_len >= {9 * manifest['window_bytes']}"
         )
     return data_dir, manifest
+
+
+def check_gpus(cfg: ExperimentConfig, resources: dict[str, float]) -> None:
+    """Refuse up front a ``run.use_gpu`` run that the cluster's GPUs (``resources``, Ray's
+    ``cluster_resources()``) cannot place: each worker takes one, and Ray Train would wait for
+    the missing ones without end. A cluster that adds GPU nodes on demand must hold them first
+    (its GPU node type's min_workers)."""
+    gpus = resources.get("GPU", 0)
+    if cfg.run.use_gpu and gpus < cfg.run.num_workers:
+        raise ConfigError(
+            f"run.use_gpu=true needs {cfg.run.num_workers} GPUs (one per worker, run.num_workers), "
+            f"but the Ray cluster has {gpus:g}: run on a cluster with GPUs, lower run.num_workers, "
+            "or set run.use_gpu=false"
+        )
 
 
 def local_run_dir(cfg: ExperimentConfig, name: str) -> Path:
@@ -172,8 +186,11 @@ def run(
     ``progress`` draws one line that follows the run (pipelines/progress.py); ``verbose``
     keeps Ray Train's own per-report log lines, which are off otherwise; ``reprepare``
     prepares the data again when it does not match ``cfg.data`` (ensure_data)."""
+    import ray
+
     cfg.check_platform()
     init_ray()
+    check_gpus(cfg, ray.cluster_resources())
     check_cluster_paths(
         {"run.storage_path": cfg.run.storage_path, "data.output_dir": data_dir or cfg.data.output_dir},
         tracking_uri(),

@@ -11,6 +11,12 @@ Every strategy trains through the same Trainer step (bitlm.trainer) and objectiv
   through the pipeline as one batch, so all the data trains.
 
 A step takes ``train.accum_steps`` micro-batches of ``train.batch_size`` windows per rank.
+
+On a GPU worker (``run.use_gpu``) the model, its batches (bits made from bytes on arrival),
+evaluation and every collective are on the worker's CUDA device (Ray Train sets it current;
+nccl runs the collectives); a checkpoint is read to the CPU, grown there if the config grew,
+and moved once. ``train.amp`` is bf16 autocast there as on the CPU, ``train.compile_model``
+compiles the ddp/fsdp module, ``train.fused_adamw`` fuses the optimizer step.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from bitlm import BitTransformerLM, Trainer, evaluate
 from bitlm.bits import byte_tensor_to_bits
 from bitlm.config import ExperimentConfig, from_dict
 from bitlm.distributed import gather_batch, parallelize
-from bitlm.optim import configure_optimizer, optimizer_param_names
+from bitlm.optim import optimizer_param_names
 from bitlm.scale import grow_to
 from pipelines import ray_checkpoint
 from pipelines.common import window_bytes
@@ -76,13 +82,11 @@ class Worker:
         self.base.to(self.device)
         self.model, self.pipeline = self._parallelize()
         self.sharded = self.strategy == "fsdp" and self.multi
-        tcfg = self.cfg.train
-        holder = self.pipeline.stage if self.pipeline is not None else self.model
-        optimizer = configure_optimizer(holder, tcfg.lr, tcfg.weight_decay)
         rank = 0 if self.pipeline is not None else self.rank  # pipeline ranks share one plan
-        self.trainer = Trainer(
-            self.model, tcfg, optimizer, loop_config["total_steps"], pipeline=self.pipeline, rank=rank
-        )
+        # The Trainer builds the optimizer over what holds this rank's parameters (the stage under
+        # the pipeline), as every trainer does: train.* optimizer settings mean the same here.
+        steps = loop_config["total_steps"]
+        self.trainer = Trainer(self.model, self.cfg.train, total_steps=steps, pipeline=self.pipeline, rank=rank)
         self.epoch, self.batch_in_epoch, self.seconds = 0, 0, 0.0
         self.restored = state is not None
         if state is not None:

@@ -64,3 +64,24 @@ def test_bad_yaml_is_reported(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "pipeline"])
+def test_gpu_runs_take_every_strategy_and_refuse_what_the_strategy_cannot_honour(strategy):
+    on_gpu = ["run.use_gpu=true", "train.amp=true", "train.fused_adamw=true", f"run.strategy={strategy}"]
+    cfg = apply_overrides(ExperimentConfig(), on_gpu)
+    assert cfg.train.fused_adamw and cfg.run.use_gpu
+    cfg.check_platform()  # collectives, batches and checkpoints follow the worker's device
+    compiled = apply_overrides(cfg, ["train.compile_model=true"])
+    if strategy == "pipeline":
+        with pytest.raises(ConfigError, match="train.compile_model is not supported with run.strategy=pipeline"):
+            compiled.check_platform()
+    else:
+        compiled.check_platform()
+
+
+def test_a_sweep_space_names_its_sampler_types():
+    from bitlm.config import SweepConfig
+
+    with pytest.raises(ConfigError, match="choice, grid, uniform, loguniform or randint"):
+        SweepConfig(space={"train.lr": {"type": "normal"}})

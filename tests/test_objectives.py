@@ -115,3 +115,29 @@ def test_evaluate_matches_bits_per_byte_and_spreads_partial_evaluations():
     assert out["val_loss"] == pytest.approx(next_bit_loss(logits, data).item(), rel=1e-5)
     with pytest.raises(ValueError, match="no validation windows"):
         evaluate(model, data[:0])
+
+
+def test_the_objective_draws_on_a_cpu_generator_and_noise_on_the_batch_device(monkeypatch):
+    import types
+
+    from bitlm import objectives
+    from bitlm.torch_utils import GeneratorDeviceError
+
+    cfg = TrainConfig(diffusion=True, diffusion_prob=1.0)
+    model_cfg = BitTransformerLM(**TINY).config
+    with pytest.raises(GeneratorDeviceError, match="CPU generator"):
+        BitObjective(cfg, model_cfg, generator=types.SimpleNamespace(device=torch.device("cuda", 0)))
+    objective = BitObjective(cfg, model_cfg)
+    with pytest.raises(GeneratorDeviceError, match="BitObjective"):  # as a Trainer hands its own over
+        objective.generator = types.SimpleNamespace(device=torch.device("cuda", 0))
+    used, real = [], objectives.corrupt
+
+    def corrupt(bits, level, generator):
+        used.append((bits.device, level.device, generator))
+        return real(bits, level, generator)
+
+    monkeypatch.setattr(objectives, "corrupt", corrupt)
+    batch = learnable_windows(4)
+    objective.plan(batch, 0)
+    ((bits_device, level_device, noise),) = used
+    assert noise is not objective.generator and noise.device == bits_device == level_device == batch.device

@@ -79,3 +79,40 @@ def test_qat_trains_and_converts_to_packed_4bit(model):
     assert packed.packed.numel() == packed.in_features * packed.out_features // 2
     bits = _bits()
     assert torch.allclose(final(bits)[0], qat.eval()(bits)[0], atol=1e-3)  # same function as trained
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 64, 96), (16, 64, 2), (17, 64, 96), (5, 60, 255), (40, 12, 3)])
+def test_int8_product_within_cublas_limits_is_the_plain_product(monkeypatch, M, K, N):
+    """On CUDA the int8 GEMM takes > 16 rows and K, N multiples of 8: the padded product the
+    CUDA path runs is, on the CPU's kernel, exactly the unpadded one."""
+    from bitlm import quantization
+
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+    w = torch.randint(-127, 128, (K, N), dtype=torch.int8)
+    shapes, real = [], torch._int_mm
+
+    def int_mm(a, b):
+        shapes.append((*a.shape, b.size(1)))
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", int_mm)
+    out = quantization._int_mm(q, w, cublas=True)
+    ((m, k, n),) = shapes
+    assert m > 16 and k % 8 == 0 and n % 8 == 0  # what cuBLAS accepts
+    assert out.dtype == torch.int32 and torch.equal(out, q.long().mm(w.long()).int())
+    assert torch.equal(quantization._int_mm(q, w), out)  # the CPU path: the shape as it is
+
+
+def test_int8_model_on_the_cublas_path_gives_the_cpu_answer(monkeypatch, model):
+    from functools import partial
+
+    from bitlm import quantization
+
+    q = quantize_dynamic(model)
+    bits = _bits()
+    cpu = q(bits)[0]
+    one_row = q(bits[:1, :9])[0]  # a decoding step's few rows
+    monkeypatch.setattr(quantization, "_int_mm", partial(quantization._int_mm, cublas=True))
+    assert torch.equal(q(bits)[0], cpu) and torch.equal(q(bits[:1, :9])[0], one_row)
+    assert (cpu.softmax(-1) - model(bits)[0].softmax(-1)).abs().max() < 0.02  # int8 still tracks fp32

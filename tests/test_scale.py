@@ -147,3 +147,30 @@ def test_size_cap_stops_growth():
 def test_unknown_strategy_is_refused():
     with pytest.raises(ValueError, match="strategy"):
         expand_model(BitTransformerLM(**TINY), "sideways")
+
+
+@pytest.mark.parametrize("arch", ["bit", "byte_patch"])
+def test_width_growth_builds_its_constants_on_the_model_device(arch):
+    # On the meta device any constant left on the CPU fails the growth as it would on a GPU
+    # ("Tensor on device cpu is not on the expected device"), with no GPU to run on.
+    model = BitTransformerLM(**TINY, arch=arch).to("meta")
+    grown = expand_model(model, "width", noise=0.0)
+    assert {p.device.type for p in grown.parameters()} == {"meta"} and grown.config.d_model == 64
+
+
+def test_width_growth_with_a_cpu_generator_preserves_the_function_and_repeats():
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY).eval()
+    a = expand_model(model, "width", generator=torch.Generator().manual_seed(1)).eval()
+    b = expand_model(model, "width", generator=torch.Generator().manual_seed(1)).eval()
+    bits = _windows(4)
+    assert torch.allclose(model(bits)[0], a(bits)[0], atol=1e-5)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_expanded_optimizer_keeps_the_fused_kernel():
+    model = BitTransformerLM(**TINY)
+    trainer = Trainer(model, TrainConfig(lr=3e-3, fused_adamw=True))
+    trainer.train_step([_windows(8)])
+    grown = expand_model(model, "depth")
+    assert expand_optimizer(trainer.optimizer, model, grown).defaults["fused"] is True

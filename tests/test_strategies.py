@@ -41,6 +41,7 @@ CASES = {
     "reversible": ({"reversible": True}, {}, ("ddp",)),
     "byte_patch": ({"arch": "byte_patch", "patch_bytes": 2}, {}, ("ddp", "fsdp", "pipeline")),
     "compile": ({}, {"compile_model": True}, ("ddp", "fsdp")),
+    "fused_adamw": ({}, {"fused_adamw": True}, ("ddp", "fsdp", "pipeline")),
 }
 # Diffusion under ddp/fsdp draws each rank's noise apart (as it should), so no single process
 # reproduces it exactly; its test below checks what it does there instead.
@@ -113,6 +114,7 @@ def _worker(rank: int, world: int, port: int, cases: list[tuple[str, str]], out_
             "modes": [o[2] for o in other],
             "reference": [o[3] for o in other],
             "compiled": trainer.forward is not module and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0,
+            "fused": trainer.optimizer.defaults["fused"],
         }
         dist.barrier()
     if rank == 0:
@@ -171,6 +173,8 @@ def test_setting_is_honoured_under_strategy(runs, name, strategy):
         plain = runs[("plain", strategy)]["state"] if name != "byte_patch" else None
         if name == "compile":  # same weights, computed by compiled code
             assert _max_diff(got, plain) < tolerance and runs[(name, strategy)]["compiled"]
+        elif name == "fused_adamw":  # same weights, updated by one fused kernel (on DTensor shards under fsdp)
+            assert _max_diff(got, plain) < tolerance and runs[(name, strategy)]["fused"] is True
         elif name == "checkpointing":  # same weights (it only trades memory for compute) ...
             assert _max_diff(got, plain) < tolerance
             for ranks_calls, plain_calls in zip(runs[(name, strategy)]["calls"], runs[("plain", strategy)]["calls"]):

@@ -94,6 +94,18 @@ def test_a_setting_the_strategy_cannot_honour_stops_the_run_before_ray(tmp_path,
         train.run(cfg)
 
 
+def test_use_gpu_on_a_cluster_without_enough_gpus_fails_up_front(tmp_path, ray_session):
+    from bitlm import ConfigError
+
+    cfg = _cfg(tmp_path, str(tmp_path / "no-data"), **{"run.use_gpu": True})  # refused before data or MLflow
+    with pytest.raises(ConfigError, match=r"run.use_gpu=true needs 2 GPUs .* the Ray cluster has 0"):
+        train.run(cfg)
+    with pytest.raises(ConfigError, match="has 1"):
+        train.check_gpus(cfg, {"CPU": 16.0, "GPU": 1.0})
+    train.check_gpus(cfg, {"CPU": 16.0, "GPU": 2.0})  # one per worker: it may start
+    train.check_gpus(apply_overrides(cfg, {"run.use_gpu": False}), {"CPU": 4.0})
+
+
 def test_worker_failure_resumes_from_last_checkpoint(tmp_path, data_dir, mlflow_uri):
     from mlflow.tracking import MlflowClient
 

@@ -96,3 +96,36 @@ def test_state_dict_resumes_the_same_steps():
         assert (ra["step"], ra["compressed"], ra["direct"]) == (rb["step"], rb["compressed"], rb["direct"])
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-6)
+
+
+def test_fused_adamw_fuses_the_optimizer_and_trains_as_the_default_does():
+    a, b = _pair()
+    data = learnable_windows(16)
+    fused = Trainer(a, TrainConfig(lr=1e-2, fused_adamw=True))
+    plain = Trainer(b, TrainConfig(lr=1e-2))
+    assert fused.optimizer.defaults["fused"] is True and all(g["fused"] for g in fused.optimizer.param_groups)
+    # Off, torch picks its own kernel: an explicit fused=False would turn the multi-tensor one off too.
+    assert plain.optimizer.defaults["fused"] is None and plain.optimizer.defaults["foreach"] is None
+    losses = [fused.train_step([data])["loss"]]
+    plain.train_step([data])
+    for pa, pb in zip(a.parameters(), b.parameters()):  # the same update, by one kernel
+        assert torch.allclose(pa, pb, atol=1e-6)
+    losses += [fused.train_step([data])["loss"] for _ in range(7)]
+    assert losses[-1] < losses[0]
+
+
+def test_remapped_optimizer_state_steps_a_fused_optimizer():
+    from bitlm.optim import optimizer_param_names, remap_optimizer_state
+
+    a, b = _pair()
+    data = learnable_windows(8)
+    trainer = Trainer(a, TrainConfig(lr=1e-2))
+    trainer.train_step([data])
+    for fused in (True, False):
+        opt = configure_optimizer(b, lr=1e-2, fused=fused)
+        carried = remap_optimizer_state(optimizer_param_names(a), trainer.optimizer.state_dict(), b, opt)
+        assert carried == len(list(b.parameters()))
+        step = next(iter(opt.state.values()))["step"]
+        assert step.dtype == torch.float32 and step.device.type == "cpu"  # a fused step reads it where the params are
+        Trainer(b, TrainConfig(lr=1e-2), opt).train_step([data])  # the fused kernel takes the carried state
+        assert float(next(iter(opt.state.values()))["step"]) == 2

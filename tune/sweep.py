@@ -49,7 +49,7 @@ from pipelines.tracking import experiment_id, log_checkpoint, mlflow_client, ope
 
 # Functions, not the module: the trial function is pickled by value, and a module object
 # would drag the whole of pipelines.train (and torch's config modules) along.
-from pipelines.train import ensure_data, local_run_dir, make_trainer  # noqa: E402
+from pipelines.train import check_gpus, ensure_data, local_run_dir, make_trainer  # noqa: E402
 
 # -- one trial (runs in a Tune trial actor) ------------------------------------------------------
 
@@ -244,6 +244,7 @@ def plot_trials(client, rows: list[dict[str, Any]], metric: str, out: Path) -> P
 def run_sweep(
     sweep: SweepConfig, name: str | None = None, resume: bool = False, base_overrides: list[str] | None = None
 ) -> dict[str, Any]:
+    import ray
     from ray import tune
 
     base = load_config(
@@ -256,6 +257,7 @@ def run_sweep(
             "a grown model is rebuilt from the checkpoint and its optimizer state remapped, which only ddp does"
         )
     init_ray()
+    check_gpus(base, ray.cluster_resources())  # each trial's workers, with the base's run settings
     check_cluster_paths({"storage_path": sweep.storage_path, "data.output_dir": base.data.output_dir}, tracking_uri())
     data_dir, _ = ensure_data(base)
     storage = storage_path(sweep.storage_path)
