@@ -30,7 +30,8 @@ LARGE = ["model.d_model=128", "model.num_layers=4", "model.dim_feedforward=512"]
 def run_variant(label: str, overrides: list[str], scheduler: dict, minutes: float, tmp: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    from bitlm.config import SweepConfig, from_dict
+    from bitlm.config import from_dict
+    from bitlm.sweep_config import SweepConfig
     from tune import sweep as sweep_mod
 
     sweep = from_dict(

@@ -65,6 +65,11 @@ class BytePatchIO(nn.Module):
         d = cfg.d_model
         self.bos_emb = nn.Embedding(1, d)
         self.byte_emb = nn.Embedding(256 * self.P, d)  # (byte position in patch, value)
+        self.ngram_sizes = list(cfg.ngram_sizes)
+        self.ngram_vocab = cfg.ngram_vocab
+        self.hist = max(self.ngram_sizes, default=1) - 1
+        if self.ngram_sizes:
+            self.ngram_emb = nn.Embedding(len(self.ngram_sizes) * cfg.ngram_vocab, d)
         if self.P > 1:
             self.local_emb = nn.Embedding(256 * self.P, d)  # earlier bytes of the patch, for the decoder
             self.local_pos_emb = nn.Embedding(self.P, d)
@@ -80,7 +85,7 @@ class BytePatchIO(nn.Module):
 
     def embed_parameter_names(self) -> set[str]:
         """Parameters the input side uses (the first pipeline stage's)."""
-        return {"bos_emb.weight", "byte_emb.weight"}
+        return {"bos_emb.weight", "byte_emb.weight"} | ({"ngram_emb.weight"} if self.ngram_sizes else set())
 
     # -- input ------------------------------------------------------------------------------
 
@@ -89,8 +94,10 @@ class BytePatchIO(nn.Module):
         B = bits.size(0)
         if not causal:  # every patch of the (noisy) window, the last one padded
             n = -(-bits.size(1) // self.patch_bits)
-            values = _byte_values(F.pad(bits, (0, n * self.patch_bits - bits.size(1)))).view(B, n, self.P)
-            return self.byte_emb(values + 256 * torch.arange(self.P, device=bits.device)).sum(2), 0
+            flat = _byte_values(F.pad(bits, (0, n * self.patch_bits - bits.size(1))))
+            values = flat.view(B, n, self.P)
+            x = self.byte_emb(values + 256 * torch.arange(self.P, device=bits.device)).sum(2)
+            return x + self._ngrams(flat, None), 0
         if cache is None:
             ctx, start = bits, 0
         else:
@@ -104,12 +111,39 @@ class BytePatchIO(nn.Module):
         if n_complete:
             values = _byte_values(ctx[:, : n_complete * self.patch_bits]).view(B, n_complete, self.P)
             rows = values + 256 * torch.arange(self.P, device=bits.device)
-            parts.append(self.byte_emb(rows).sum(2))  # (B, n_complete, C)
+            e = self.byte_emb(rows).sum(2)  # (B, n_complete, C)
+            if self.ngram_sizes:
+                e = e + self._ngrams(values.view(B, -1), cache)
+            parts.append(e)
         x = torch.cat(parts, 1) if parts else bits.new_zeros(B, 0, self.bos_emb.embedding_dim, dtype=torch.float)
         if cache is not None:
             cache.state["ctx"] = ctx  # the unfinished patch plus the new bits, for logits()
             cache.state["tail"] = ctx[:, n_complete * self.patch_bits :]
         return x, start
+
+    def _ngrams(self, values: torch.Tensor, cache) -> torch.Tensor:
+        """Hashed n-gram embeddings (B, n_patches, C): for each byte, the n-grams of the sizes
+        configured that end at it, summed over the patch (bytes before the window count as 256)."""
+        if not self.ngram_sizes:
+            return 0
+        B, N = values.shape
+        hist = None if cache is None else cache.state.get("ngram_hist")
+        if hist is None:
+            hist = values.new_full((B, self.hist), 256)
+        if cache is not None:
+            cache.state["ngram_hist_before"] = hist
+        full = torch.cat([hist, values], 1)  # (B, hist + N)
+        if cache is not None:
+            cache.state["ngram_hist"] = full[:, full.size(1) - self.hist :]
+        rows = []
+        for i, n in enumerate(self.ngram_sizes):
+            x = torch.zeros_like(values)
+            for j in range(n):
+                x = x * 257 + full[:, self.hist - j : self.hist - j + N]
+            h = torch.remainder((x * _HASH_MUL) >> 17, self.ngram_vocab)
+            rows.append(h + i * self.ngram_vocab)
+        e = self.ngram_emb(torch.stack(rows, -1)).sum(-2)  # (B, N, C)
+        return e.view(B, N // self.P, self.P, -1).sum(2)
 
     # -- output -----------------------------------------------------------------------------
 
@@ -126,6 +160,25 @@ class BytePatchIO(nn.Module):
         out = self._local_logits(h_all, ctx)[:, -bits.size(1) :]
         cache.state["h"] = h_all[:, -1:]  # the context of the unfinished patch
         return out
+
+    def advance(self, h: torch.Tensor, cache) -> None:
+        """What logits() keeps in the cache, without computing any logits; the new positions'
+        outputs as ``h_all`` (speculative decoding reads the byte distribution after each)."""
+        cache.state.pop("ctx")
+        if h.size(1):
+            cache.state["h"] = h[:, -1:]
+        cache.state["h_all"] = h
+
+    def trim_state(self, cache, kept_bits: torch.Tensor) -> None:
+        """After the cache was cut back to end with ``kept_bits`` (whole patches): the n-gram
+        history as if only those had been fed."""
+        if self.ngram_sizes:
+            hist = cache.state.get("ngram_hist_before")
+            values = _byte_values(kept_bits)
+            full = values if hist is None else torch.cat([hist, values], 1)
+            if full.size(1) < self.hist:
+                full = torch.cat([values.new_full((values.size(0), self.hist - full.size(1)), 256), full], 1)
+            cache.state["ngram_hist"] = full[:, full.size(1) - self.hist :]
 
     def _local_logits(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """Logits for bits (B, L) that start at the patch whose context is h[:, 0]."""
@@ -157,11 +210,10 @@ class BytePatchIO(nn.Module):
         fixed = torch.stack([-PARITY_LOGIT * parity, -PARITY_LOGIT * (1 - parity)], -1)
         return torch.where(data[None, :, None], out, fixed)
 
-    def next_byte_node_logits(self, cache) -> torch.Tensor:
-        """The next byte's distribution as the logits (B, 255, 2) of every node of its prefix
-        tree (heap order: node 0 the first bit, node 2^d - 1 + v the bit after prefix v of d
-        bits), from the cache alone: drawing the byte node by node from these is drawing it bit
-        by bit through the model (the same logits), without a model call per bit."""
+    def next_byte_log_probs(self, cache) -> torch.Tensor:
+        """The next byte's distribution, log q (B, 256), from the cache alone: drawing a byte
+        from it is drawing its bits one by one through the model (their conditionals multiply
+        back to q), without a model call per bit."""
         h = cache.state["h"][:, 0]  # (B, C): the context of the unfinished patch
         tail = cache.state.get("tail")
         j = 0 if tail is None else tail.size(1) // 9  # the next byte's position in its patch
@@ -170,12 +222,7 @@ class BytePatchIO(nn.Module):
             before = tail if tail is not None else h.new_zeros(h.size(0), 0, dtype=torch.long)
             values = _byte_values(F.pad(before, (0, 9)))  # (B, j + 1): the last is a placeholder
             c = c + self._patch_context(values)[:, j]
-        if self.local_decoder == "tree":
-            z = self.tree(c).float()
-            return torch.stack([torch.zeros_like(z), z], -1)
-        masses = _subtree_log_masses(F.log_softmax(self.byte_head(c).float(), -1))  # (B, 510)
-        child0 = _NODE_CHILD0.to(c.device)
-        return torch.stack([masses[:, child0], masses[:, child0 + 1]], -1)
+        return self._byte_log_probs(c)
 
     def _byte_log_probs(self, c: torch.Tensor) -> torch.Tensor:
         """log q (..., 256): the local decoder's byte distribution at contexts c (..., C)."""
@@ -218,6 +265,7 @@ class BytePatchIO(nn.Module):
         return x + self.local_proj(F.gelu(self.local_fc(x)))
 
 
+_HASH_MUL = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
 _VALUES = torch.arange(256)
 _DEPTH = torch.arange(8)
 _TREE_NODES = (1 << _DEPTH) - 1 + (_VALUES[:, None] >> (8 - _DEPTH))  # (256, 8) node at each depth
@@ -226,6 +274,15 @@ _ODD = _TREE_BITS.sum(-1) % 2 == 1  # bytes whose even-parity bit is 1
 _NODE_DEPTH = torch.tensor([d for d in range(8) for _ in range(1 << d)])  # heap order, 255 nodes
 _NODE_CHILD0 = (1 << (_NODE_DEPTH + 1)) - 2 + 2 * (torch.arange(255) - ((1 << _NODE_DEPTH) - 1))
 # _NODE_CHILD0[n]: where node n's child "0" sits among _subtree_log_masses' depth-1..8 nodes
+
+
+def node_logits(logq: torch.Tensor) -> torch.Tensor:
+    """Every prefix-tree node's bit logits (..., 255, 2) from byte log-probabilities (..., 256),
+    in heap order (node 0 the first bit, node 2^d - 1 + v the bit after prefix v of d bits):
+    the log-masses of the subtrees below its two children."""
+    masses = _subtree_log_masses(logq)
+    child0 = _NODE_CHILD0.to(logq.device)
+    return torch.stack([masses[..., child0], masses[..., child0 + 1]], -1)
 
 
 def _subtree_log_masses(logq: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,10 @@ class ModelConfig:
     # attention (flash) kernels off the table for the math path, which materializes (B, H, T, T)
     # probabilities and a mask as large, and doubled the CPU step of byte_patch (issue 16).
     attn_dropout: float = 0.0
+    # byte_patch: each patch's input also sums hashed embeddings of the byte n-grams of these
+    # sizes ending at each of its bytes (BLT's hash n-gram embeddings), ngram_vocab rows per size
+    ngram_sizes: list[int] = field(default_factory=list)
+    ngram_vocab: int = 8192
     chunk_size: int | None = None  # local attention window (positions); None = full causal
     reversible: bool = False
     use_checkpoint: bool = False
@@ -63,6 +67,12 @@ class ModelConfig:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.attn_dropout < 1.0:
             raise ConfigError(f"model.attn_dropout must be in [0, 1), got {self.attn_dropout}")
+        if any(not 2 <= n <= 8 for n in self.ngram_sizes) or len(set(self.ngram_sizes)) < len(self.ngram_sizes):
+            raise ConfigError(f"model.ngram_sizes must be distinct sizes from 2 to 8, got {self.ngram_sizes}")
+        if self.ngram_sizes and self.arch != "byte_patch":
+            raise ConfigError("model.ngram_sizes needs arch=byte_patch: the bit model embeds bits, not bytes")
+        if self.ngram_vocab < 1:
+            raise ConfigError(f"model.ngram_vocab must be >= 1, got {self.ngram_vocab}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"model.chunk_size must be >= 1 or null, got {self.chunk_size}")
         if self.arch not in ("bit", "byte_patch"):
@@ -240,66 +250,6 @@ class ExperimentConfig:
                 raise ConfigError(f"{setting} is not supported with {where}: {why}")
 
 
-@dataclass
-class SchedulerConfig:
-    """The Tune scheduler of a sweep: ``asha`` (early stopping), ``fifo`` (none) or ``scaling``
-    (progressive scaling: grow a trial's model on a plateau, see tune/scaling.py)."""
-
-    type: str = "asha"
-    max_t: int = 1000  # asha: the step budget of a full trial
-    grace_period: int = 10  # asha: steps before a trial may be stopped
-    reduction_factor: float = 2.0
-    patience: int = 2  # scaling: reports without improvement that make a plateau
-    min_delta: float = 0.0
-    strategies: list[str] = field(default_factory=lambda: ["depth", "width", "context"])
-    max_params: int | None = None  # scaling: never grow past this many parameters
-
-    def __post_init__(self) -> None:
-        if self.type not in ("asha", "fifo", "scaling"):
-            raise ConfigError(f"sweep.scheduler.type must be asha, fifo or scaling, got {self.type!r}")
-        bad = [x for x in self.strategies if x not in ("depth", "width", "context")]
-        if bad:
-            raise ConfigError(f"sweep.scheduler.strategies: unknown strategy {bad[0]!r} (depth, width, context)")
-
-
-@dataclass
-class SweepConfig:
-    """A Tune sweep over a base experiment. ``space`` maps dotted config keys to a sampler:
-    ``{type: choice|grid, values: [...]}``, ``{type: uniform|loguniform, low: .., high: ..}``
-    or ``{type: randint, low: .., high: ..}``."""
-
-    SAMPLERS = ("choice", "grid", "uniform", "loguniform", "randint")  # not a field: no annotation
-    name: str = "sweep"
-    base: str = "configs/tiny.yaml"  # the experiment every trial starts from
-    set: list[str] = field(default_factory=list)  # overrides of the base for every trial
-    space: dict[str, Any] = field(default_factory=dict)
-    metric: str = "val_bpb"
-    mode: str = "min"
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    num_samples: int = 4
-    max_concurrent_trials: int = 2
-    cpus_per_trial: float = 0.5  # the trial's driver; its Train workers ask for run.cpus_per_worker each
-    storage_path: str = "runs/tune"
-
-    def __post_init__(self) -> None:
-        for key, spec in self.space.items():
-            if not isinstance(spec, dict) or spec.get("type") not in self.SAMPLERS:
-                raise ConfigError(f"sweep.space.{key}: needs a type of choice, grid, uniform, loguniform or randint")
-            if spec["type"] in ("choice", "grid") and not isinstance(spec.get("values"), list):
-                raise ConfigError(f"sweep.space.{key}: {spec['type']} needs a list of values")
-            if spec["type"] in ("uniform", "loguniform", "randint") and not {"low", "high"} <= spec.keys():
-                raise ConfigError(f"sweep.space.{key}: {spec['type']} needs low and high")
-        if self.mode not in ("min", "max"):
-            raise ConfigError(f"sweep.mode must be min or max, got {self.mode!r}")
-
-
-@dataclass
-class SweepFile:
-    """A sweep YAML: ``sweep:`` (SweepConfig)."""
-
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-
-
 # -- loading ---------------------------------------------------------------------------------
 
 
@@ -436,16 +386,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: a config is a mapping of sections, got {type(data).__name__}")
     cfg = from_dict(ExperimentConfig, data)
     return apply_overrides(cfg, overrides or [])
-
-
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    """Load a sweep YAML (``sweep:`` section), then apply ``sweep.``-prefixed overrides."""
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    cfg = from_dict(SweepFile, data)
-    return apply_overrides(cfg, overrides or []).sweep
 
 
 def dump_config(cfg: Any) -> str:

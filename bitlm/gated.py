@@ -244,7 +244,7 @@ def _gated(model, prompt_bits: torch.Tensor, steps, max_new_bytes: list[int], ga
     done = [False] * B
     for i, step in enumerate(steps):
         bits = step.bits.cpu()
-        K, C, S = running.update(bits, step.logits)
+        K, C, S = running.update(bits, surprisal=step.surprisal())
         out: list[ByteEvent | None] = []
         for b in range(B):
             if done[b] or i >= max_new_bytes[b]:

@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import CausalSelfAttention, KVCache
 from .bit_arch import BitIO
 from .byte_patch import BytePatchIO
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
@@ -29,112 +30,6 @@ from .config import ModelConfig
 from .reference import Reference
 from .reversible import reversible_stack
 from .telemetry import logit_telemetry
-
-
-class KVCache:
-    """Keys and values of every position seen so far, per layer, in preallocated buffers.
-
-    ``length`` counts the transformer positions cached; ``state`` holds what an architecture
-    needs between calls (the prefix embedding keeps the current byte's bits there). Buffers
-    are written in place, so a decoding step costs O(length), not a copy of the cache.
-    """
-
-    def __init__(self, num_layers: int, capacity: int):
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.capacity = capacity
-        self.length = 0  # transformer positions
-        self.bits_seen = 0  # input bits
-        self.state: dict[str, Any] = {}
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new keys/values (B, H, T, D) after the cached ones; return all of them."""
-        B, H, T, D = k.shape
-        end = self.length + T
-        if end > self.capacity:
-            raise ValueError(f"KV cache holds {self.capacity} positions; {end} needed")
-        if self.k[layer] is None or self.k[layer].shape[0] != B or self.k[layer].dtype != k.dtype:
-            self.k[layer] = k.new_zeros(B, H, self.capacity, D)
-            self.v[layer] = v.new_zeros(B, H, self.capacity, D)
-        self.k[layer][:, :, self.length : end] = k
-        self.v[layer][:, :, self.length : end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-def _window_mask(T: int, S: int, window: int | None, device: torch.device, causal: bool = True) -> torch.Tensor:
-    """(T, S) bool: query i (absolute position S - T + i) may attend key j."""
-    q = torch.arange(S - T, S, device=device)[:, None]
-    k = torch.arange(S, device=device)[None, :]
-    allowed = k <= q if causal else torch.ones(T, S, dtype=torch.bool, device=device)
-    if window is not None:
-        allowed &= (q - k).abs() < window
-    return allowed
-
-
-def _local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: int, p: float) -> torch.Tensor:
-    """Sliding-window causal attention in blocks of c queries: O(T * 2c) instead of O(T^2).
-
-    Query t attends keys t-c < j <= t. Each block of c queries sees its own block and the one
-    before it; the mask keeps exactly the window. Equal to masked full attention.
-    """
-    B, H, T, D = q.shape
-    n = -(-T // c)
-    pad = n * c - T
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    qb, kb, vb = (x.view(B, H, n, c, D) for x in (q, k, v))
-    kb2 = torch.cat([F.pad(kb, (0, 0, 0, 0, 1, 0))[:, :, :-1], kb], dim=3)  # (B, H, n, 2c, D)
-    vb2 = torch.cat([F.pad(vb, (0, 0, 0, 0, 1, 0))[:, :, :-1], vb], dim=3)
-    i = torch.arange(c, device=q.device)[:, None]
-    j = torch.arange(2 * c, device=q.device)[None, :]
-    mask = ((j > i) & (j <= c + i)).expand(n, c, 2 * c).clone()  # (n, c, 2c)
-    mask[0, :, :c] = False  # block 0 has no previous block
-    y = F.scaled_dot_product_attention(qb, kb2, vb2, attn_mask=mask, dropout_p=p)
-    return y.reshape(B, H, n * c, D)[:, :, :T]
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.nhead, self.chunk_size, self.dropout = cfg.nhead, cfg.chunk_size, cfg.attn_dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache: KVCache | None = None,
-        layer: int = 0,
-        need_weights: bool = False,
-        causal: bool = True,
-    ):
-        B, T, C = x.shape
-        H, D = self.nhead, C // self.nhead
-        q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        S = k.size(2)  # keys: cached + new
-        p = self.dropout if self.training else 0.0
-        att = None
-        if need_weights:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(D)  # (B, H, T, S)
-            att = att.masked_fill(~_window_mask(T, S, self.chunk_size, x.device, causal), float("-inf"))
-            att = F.softmax(att.float(), dim=-1).to(q.dtype)
-            y = F.dropout(att, p, self.training) @ v
-        elif not causal:  # diffusion mode: every position sees the whole window
-            mask = None if self.chunk_size is None else _window_mask(T, S, self.chunk_size, x.device, False)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        elif S == T and (self.chunk_size is None or T <= self.chunk_size):
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
-        elif S == T:
-            y = _local_attention(q, k, v, self.chunk_size, p)
-        elif T == 1 and (self.chunk_size is None or S <= self.chunk_size):
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # one query sees every key
-        else:
-            mask = _window_mask(T, S, self.chunk_size, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.proj(y), att
 
 
 class MLP(nn.Module):
@@ -249,6 +144,7 @@ class BitTransformerLM(nn.Module):
         return_attention: bool | None = None,
         causal: bool = True,
         telemetry: bool = True,
+        decode: bool = True,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Next-bit logits (B, T, 2) and telemetry for bits (B, T) (or (T,) for one sequence).
 
@@ -257,6 +153,8 @@ class BitTransformerLM(nn.Module):
         ``causal=False`` is diffusion mode: attention sees the whole window and ``logits[:, t]``
         is the model's belief about the clean value of bit t itself (see bitlm.diffusion).
         ``telemetry=False`` skips K/C/S (an empty dict is returned): the decoding loop's fast path.
+        ``decode=False`` (with a cache, ``arch="byte_patch"``) only advances the cache and returns
+        ``(None, {})``: generation reads the next byte's distribution from the cache instead.
         """
         bits = _check_bits(bits)
         if not causal and cache is not None:
@@ -280,13 +178,17 @@ class BitTransformerLM(nn.Module):
                 h = self.ln_f(h)
             else:  # byte_patch: the new bits complete no patch, the local decoder alone answers
                 h, acts, atts = x, [], []
-            logits = self.io.logits(h, bits, cache, causal).float()  # (B, T, 2)
+            if not decode and cache is not None and hasattr(self.io, "advance"):
+                self.io.advance(h, cache)
+                logits = None
+            else:
+                logits = self.io.logits(h, bits, cache, causal).float()  # (B, T, 2)
         offset = 0
         if cache is not None:
             cache.length += x.size(1)
             offset = cache.bits_seen
             cache.bits_seen += bits.size(1)
-        if not telemetry:
+        if not telemetry or logits is None:
             return logits, {}
         cfg = self.config
         grad = (cfg.lambda_K > 0, cfg.lambda_C > 0, cfg.lambda_S > 0)

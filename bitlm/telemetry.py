@@ -308,7 +308,8 @@ class RunningTelemetry:
     """K, C, S of a batch of B generations over everything generated so far, updated per byte.
 
     ``update(bits, logits)`` takes each sequence's new byte (B, 9) and the logits that chose it
-    (B, 9, 2) and returns (K, C, S), lists of B floats, by the formulas above: K from the
+    (B, 9, 2) (or, as ``surprisal``, the bits of surprisal (B,) of its data bits under them)
+    and returns (K, C, S), lists of B floats, by the formulas above: K from the
     surprisal of the drawn data bits under their logits, C the LZ76 complexity of all data bits
     drawn (parsed incrementally, block by block), S their reference agreement (the byte before the first is
     ``prev``, the prompt's last byte, when given).
@@ -325,10 +326,14 @@ class RunningTelemetry:
         self.lz_done = [0.0] * batch_size  # phrases of the finished blocks
         self.lz_random_done = 0.0  # a random sequence's, for the same blocks
 
-    def update(self, bits: torch.Tensor, logits: torch.Tensor) -> tuple[list[float], list[float], list[float]]:
-        bits, logits = bits.detach().cpu().long(), logits.detach().cpu()
-        logp = F.log_softmax(logits[:, :8].double(), -1)
-        self.surprisal += -logp.gather(-1, bits[:, :8, None]).squeeze(-1).sum(-1) / math.log(2)
+    def update(
+        self, bits: torch.Tensor, logits: torch.Tensor | None = None, surprisal: torch.Tensor | None = None
+    ) -> tuple[list[float], list[float], list[float]]:
+        bits = bits.detach().cpu().long()
+        if surprisal is None:  # from the logits of the 8 data bits
+            logp = F.log_softmax(logits.detach().cpu()[:, :8].double(), -1)
+            surprisal = -logp.gather(-1, bits[:, :8, None]).squeeze(-1).sum(-1) / math.log(2)
+        self.surprisal += surprisal.detach().cpu().double()
         values = byte_values(bits[:, :9])
         self.ref_surprisal += self.reference.surprisal(values, self.prev)[:, 0].double()
         self.prev = values[:, 0]

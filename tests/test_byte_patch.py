@@ -18,10 +18,14 @@ def _bits(n_bytes=30, batch=2, seed=0):
     return torch.from_numpy(bytes_to_bits(data)).long()
 
 
-@pytest.fixture(params=[1, 2, 4], ids=lambda p: f"P{p}")
+@pytest.fixture(
+    params=[(1, []), (2, []), (4, []), (1, [2, 3, 5]), (4, [2, 4])], ids=lambda p: f"P{p[0]}" + "-ngrams" * bool(p[1])
+)
 def model(request):
+    """Each patch size, and with hashed n-gram embeddings (which must keep every property)."""
     torch.manual_seed(0)
-    return BitTransformerLM(**CFG, patch_bytes=request.param).eval()
+    P, ngrams = request.param
+    return BitTransformerLM(**CFG, patch_bytes=P, ngram_sizes=ngrams, ngram_vocab=64).eval()
 
 
 def test_shapes_and_one_distribution_per_bit(model):
@@ -77,20 +81,53 @@ def test_cached_and_uncached_generation_agree(model):
     assert torch.allclose(torch.cat(parts, 1), model(bits)[0], atol=1e-5)
 
 
+def _bitwise_byte_probs(model, prefix: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """P(next byte = v) for all 256 v when its 8 bits are drawn one at a time by sample_bit's
+    rule (tempered, top-p truncated, greedy at 0) from the model's own per-bit logits."""
+    candidates = torch.from_numpy(bytes_to_bits(bytes(range(256)))).long().view(256, 9)
+    seqs = torch.cat([prefix.expand(256, -1), candidates], 1)
+    with torch.no_grad():
+        logits = model(seqs, telemetry=False)[0]
+    start = prefix.size(1) - 1  # logits at position t predict bit t+1
+    total = torch.ones(256, dtype=torch.float64)
+    for i in range(8):
+        lg = logits[:, start + i].double()
+        bit = seqs[:, start + i + 1]
+        greedy = lg.argmax(-1)
+        probs = torch.softmax(lg / max(temperature, 1e-6), -1)
+        keep = (temperature <= 0) | (probs.max(-1).values >= top_p)
+        p_bit = torch.where(keep, (bit == greedy).double(), probs.gather(-1, bit[:, None]).squeeze(-1))
+        total = total * p_bit
+    return total
+
+
 @pytest.mark.parametrize("decoder", ["softmax", "tree"])
-def test_bytes_drawn_whole_are_the_bits_drawn_one_by_one(decoder):
-    """Cached generation draws each byte from the local decoder at byte cost; uncached
-    generation feeds the model bit by bit. Same seed, same draws: the same bytes, the same
-    logits, at any temperature and top_p, greedy included."""
+@pytest.mark.parametrize("P", [1, 2])
+def test_bytes_drawn_whole_are_the_bits_drawn_one_by_one(decoder, P):
+    """Cached generation draws each byte whole, in one draw from the local decoder; uncached
+    generation feeds the model bit by bit. Greedy, both give the same bytes and the same
+    per-bit distributions; sampling, a whole byte is drawn with exactly the probability that
+    the bit-by-bit draw gives it, at any temperature and top_p."""
+    from bitlm.byte_patch import node_logits
+    from bitlm.generate import byte_log_probs
+
     torch.manual_seed(1)
-    model = BitTransformerLM(**{**CFG, "patch_bytes": 2, "local_decoder": decoder}).eval()
+    model = BitTransformerLM(**{**CFG, "patch_bytes": P, "local_decoder": decoder}).eval()
     prompt = torch.tensor(text_to_bits("whole bytes"))
-    for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.5, 0.6)):
-        runs = [
-            generate_bits(model, prompt, 20, temperature, top_p, torch.Generator().manual_seed(3), cache, True)
-            for cache in (True, False)
-        ]
-        assert torch.equal(runs[0][0], runs[1][0]) and torch.allclose(runs[0][1], runs[1][1], atol=1e-4)
+    runs = [generate_bits(model, prompt, 20, 0.0, 1.0, None, cache, True) for cache in (True, False)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert torch.allclose(runs[0][1].log_softmax(-1), runs[1][1].log_softmax(-1), atol=1e-4)
+    for prefix_text in ("whole bytes", "whole bytes!"):  # the next byte starts, or continues, a patch
+        prefix = torch.tensor(text_to_bits(prefix_text))[None]
+        cache = model.new_cache()
+        with torch.no_grad():
+            model(prefix, cache, telemetry=False, decode=False)
+            log_q = model.io.next_byte_log_probs(cache)
+        for temperature, top_p in ((0.0, 1.0), (1.0, 1.0), (0.7, 0.9), (1.5, 0.6), (0.3, 0.99)):
+            whole = byte_log_probs(node_logits(log_q), temperature, top_p).exp()[0].double()
+            bitwise = _bitwise_byte_probs(model, prefix, temperature, top_p)
+            assert torch.allclose(whole, bitwise, atol=1e-5), (temperature, top_p)
+            assert math.isclose(float(whole.sum()), 1.0, rel_tol=1e-5)
 
 
 def test_bytes_drawn_whole_follow_the_decoders_byte_distribution():
@@ -103,7 +140,7 @@ def test_bytes_drawn_whole_follow_the_decoders_byte_distribution():
     with torch.no_grad():
         cache = model.new_cache()
         model(prompt[:1], cache)
-        q = model.io._byte_log_probs(cache.state["h"][:, 0]).exp()[0].double()
+        q = model.io.next_byte_log_probs(cache).exp()[0].double()
     chi2 = float(((counts - 4000 * q) ** 2 / (4000 * q)).sum())
     assert chi2 < 255 + 5 * (2 * 255) ** 0.5  # chi-square, 255 degrees of freedom: within 5 sigma
 

@@ -81,7 +81,18 @@ def test_gpu_runs_take_every_strategy_and_refuse_what_the_strategy_cannot_honour
 
 
 def test_a_sweep_space_names_its_sampler_types():
-    from bitlm.config import SweepConfig
+    from bitlm.sweep_config import SweepConfig
 
     with pytest.raises(ConfigError, match="choice, grid, uniform, loguniform or randint"):
         SweepConfig(space={"train.lr": {"type": "normal"}})
+
+
+def test_ngram_embeddings_are_checked_when_loaded():
+    for bad, message in (
+        (["model.ngram_sizes=[1]"], "distinct sizes from 2 to 8"),
+        (["model.ngram_sizes=[3, 3]"], "distinct sizes"),
+        (["model.ngram_sizes=[2]", "model.arch=bit"], "needs arch=byte_patch"),
+        (["model.ngram_vocab=0"], "ngram_vocab must be >= 1"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, ["model.arch=byte_patch", *bad])

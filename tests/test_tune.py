@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bitlm.config import DataConfig, SweepConfig, from_dict
+from bitlm.config import DataConfig, from_dict
 from bitlm.schedules import compress_probability, sequence_length
+from bitlm.sweep_config import SweepConfig
 from pipelines.prepare_data import prepare
 
 ROOT = Path(__file__).resolve().parent.parent

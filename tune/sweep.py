@@ -36,14 +36,13 @@ sys.path.insert(0, str(ROOT))
 from bitlm.config import (  # noqa: E402
     ConfigError,
     ExperimentConfig,
-    SweepConfig,
     apply_overrides,
     dump_config,
     from_dict,
     load_config,
-    load_sweep,
     to_dict,
 )
+from bitlm.sweep_config import SweepConfig, load_sweep  # noqa: E402
 from pipelines.common import check_cluster_paths, init_ray, read_manifest, storage_path  # noqa: E402
 from pipelines.tracking import experiment_id, log_checkpoint, mlflow_client, open_run, tracking_uri  # noqa: E402
 
