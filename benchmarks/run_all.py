@@ -32,7 +32,8 @@ BENCHMARKS = {
     "faults": (
         "faults.py",
         [],
-        ["--outage-seconds", "10", "--kills", "4", "--steps", "150"],
+        "--outage-seconds 10 --kills 4 --steps 150 --resume-kills 2 --resume-steps 100 --replica-rounds 1 "
+        "--hostile-cases 1000".split(),
     ),  # the full disk needs root
 }
 

@@ -8,41 +8,60 @@ the step, the data position, the trainer's generator, and the step the model las
 
 from __future__ import annotations
 
+import errno
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bitlm.checkpoint import CheckpointError, load_training_state, save_training_state
+from bitlm.checkpoint import CheckpointError, load_training_state, read_config, save_training_state
 from bitlm.model import load_pretrained, save_pretrained
 
 
 def load(rank: int) -> dict[str, Any] | None:
     """The latest good checkpoint of this Ray Train run as a state dict (``model``,
-    ``optimizer``, counters), or None on a fresh start. A checkpoint refused as corrupt or
-    incomplete (bitlm.checkpoint: a crash mid-write, a full disk, a changed file) is reported
-    by name and the one before it is tried, down to the first."""
+    ``optimizer``, counters), or None on a fresh start (see :func:`choose`)."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        return None
-    try:
-        with ckpt.as_directory() as d:
-            return _read(Path(d), rank)
-    except CheckpointError as e:
-        refused = [f"{ckpt.path}: {e}"]
-    here = Path(ckpt.path)
-    for older in sorted(
-        (p for p in here.parent.glob("checkpoint_*") if p.is_dir() and p.name < here.name), reverse=True
-    ):
+    return None if ckpt is None else choose(Path(ckpt.path), rank)
+
+
+def choose(registered: Path, rank: int) -> dict[str, Any]:
+    """The state of the newest checkpoint beside ``registered`` (Ray Train's latest) that
+    verifies whole, for ``rank``.
+
+    Ray Train registers a reported checkpoint when its controller next polls the workers (every
+    few seconds): a worker killed in between leaves a newer checkpoint, whole in storage, that
+    get_checkpoint() does not know, and resuming from the registered one would redo a second
+    checkpoint interval. Checkpoints verify themselves (SHA-256s in config.json, bitlm.checkpoint),
+    so a newer one is taken when it is whole and data-parallel (a pipeline's per-stage optimizer
+    files carry no checksum: there only registered checkpoints count). Else the registered one;
+    one refused as corrupt or incomplete (a crash mid-write, a full disk, a changed file) is
+    reported by name and the one before it is tried, down to the first."""
+    refused: list[str] = []
+    siblings = sorted((p for p in registered.parent.glob("checkpoint_*") if p.is_dir()), reverse=True)
+    for d in (p for p in siblings if p.name > registered.name):
         try:
-            state = _read(older, rank)
+            state = _read(d, rank)
+            if "step" not in state or "training_state.pt" not in read_config(d).get("sha256", {}):
+                raise CheckpointError("it has no checksummed training state")
+            if state.get("strategy") == "pipeline":
+                raise CheckpointError("a pipeline checkpoint counts only once Ray Train registered it")
         except CheckpointError as e:
-            refused.append(f"{older}: {e}")
+            refused.append(f"{d}: {e}")
             continue
-        print(f"resuming from {older}, the latest good checkpoint; refused: " + "; ".join(refused), flush=True)
+        print(f"resuming from {d}, newer than Ray Train's latest registered checkpoint ({registered.name})", flush=True)
+        return state
+    for d in [registered, *(p for p in siblings if p.name < registered.name)]:
+        try:
+            state = _read(d, rank)
+        except CheckpointError as e:
+            refused.append(f"{d}: {e}")
+            continue
+        if d != registered:
+            print(f"resuming from {d}, the latest good checkpoint; refused: " + "; ".join(refused), flush=True)
         return state
     raise CheckpointError("no loadable checkpoint to resume from: " + "; ".join(refused))
 
@@ -120,4 +139,13 @@ def save(w, metrics: dict[str, float]) -> None:
         if w.pipeline is not None:  # each stage keeps its own optimizer state
             torch.save(optim_state, Path(d) / f"optimizer_rank{w.rank}.pt")
         write = w.rank == 0 or w.pipeline is not None
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if write else None)
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d) if write else None)
+        except OSError as e:
+            if e.errno != errno.ENOSPC and "No space left" not in str(e):
+                raise
+            raise CheckpointError(
+                f"the checkpoint of step {w.trainer.step} could not be written to {w.cfg.run.storage_path}: no space "
+                "left on the device. The checkpoints written before it are intact: free space (or set "
+                "run.storage_path elsewhere) and run again with --resume"
+            ) from e
