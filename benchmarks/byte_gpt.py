@@ -12,14 +12,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bitlm.byte_patch import NgramEmbedding
 from bitlm.config import ModelConfig
 from bitlm.model import Block
 
 
 class ByteGPT(nn.Module):
     def __init__(
-        self, d_model: int, nhead: int, num_layers: int, dim_feedforward: int, max_bytes: int, dropout: float = 0.0
+        self,
+        d_model: int,
+        nhead: int,
+        num_layers: int,
+        dim_feedforward: int,
+        max_bytes: int,
+        dropout: float = 0.0,
+        ngram_sizes: list[int] | None = None,
+        ngram_vocab: int = 8192,
     ):
+        """``ngram_sizes``: the byte_patch model's hashed n-gram embeddings on the input too (the
+        ablation that says how much of a difference is the n-grams and how much the bits)."""
         super().__init__()
         cfg = ModelConfig(
             d_model=d_model,
@@ -30,6 +41,7 @@ class ByteGPT(nn.Module):
             dropout=dropout,
         )
         self.byte_emb = nn.Embedding(256, d_model)
+        self.ngram_emb = NgramEmbedding(ngram_sizes, ngram_vocab, d_model) if ngram_sizes else None
         self.pos_emb = nn.Embedding(max_bytes, d_model)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(num_layers)])
         self.ln_f = nn.LayerNorm(d_model)
@@ -44,6 +56,11 @@ class ByteGPT(nn.Module):
         """Next-byte logits (B, T, 256) for bytes (B, T)."""
         start = cache.length if cache is not None else 0
         h = self.byte_emb(x) + self.pos_emb(torch.arange(start, start + x.size(1), device=x.device))
+        if self.ngram_emb is not None:
+            e, after = self.ngram_emb(x, None if cache is None else cache.state.get("ngram_hist"))
+            h = h + e
+            if cache is not None:
+                cache.state["ngram_hist"] = after
         for i, block in enumerate(self.blocks):
             h = block(h, cache, i)[0]
         if cache is not None:
@@ -54,14 +71,20 @@ class ByteGPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self, prompt: torch.Tensor, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
+    ) -> torch.Tensor:
+        """``n`` bytes after ``prompt`` (B, T) through the KV cache; greedy at temperature 0."""
         from bitlm.model import KVCache
 
         cache = KVCache(len(self.blocks), self.pos_emb.num_embeddings)
         logits = self(prompt, cache)[:, -1]
         out = []
         for _ in range(n):
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)
             out.append(nxt)
             logits = self(nxt, cache)[:, -1]
         return torch.cat(out, 1)

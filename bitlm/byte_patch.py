@@ -66,10 +66,8 @@ class BytePatchIO(nn.Module):
         self.bos_emb = nn.Embedding(1, d)
         self.byte_emb = nn.Embedding(256 * self.P, d)  # (byte position in patch, value)
         self.ngram_sizes = list(cfg.ngram_sizes)
-        self.ngram_vocab = cfg.ngram_vocab
-        self.hist = max(self.ngram_sizes, default=1) - 1
         if self.ngram_sizes:
-            self.ngram_emb = nn.Embedding(len(self.ngram_sizes) * cfg.ngram_vocab, d)
+            self.ngram_emb = NgramEmbedding(self.ngram_sizes, cfg.ngram_vocab, d)
         if self.P > 1:
             self.local_emb = nn.Embedding(256 * self.P, d)  # earlier bytes of the patch, for the decoder
             self.local_pos_emb = nn.Embedding(self.P, d)
@@ -122,27 +120,15 @@ class BytePatchIO(nn.Module):
         return x, start
 
     def _ngrams(self, values: torch.Tensor, cache) -> torch.Tensor:
-        """Hashed n-gram embeddings (B, n_patches, C): for each byte, the n-grams of the sizes
-        configured that end at it, summed over the patch (bytes before the window count as 256)."""
+        """The n-gram embeddings of bytes ``values`` (B, N), summed per patch (B, N / P, C); the
+        history (bytes before them) is the cache's, else that of a window's start."""
         if not self.ngram_sizes:
             return 0
-        B, N = values.shape
         hist = None if cache is None else cache.state.get("ngram_hist")
-        if hist is None:
-            hist = values.new_full((B, self.hist), 256)
+        e, after = self.ngram_emb(values, hist)
         if cache is not None:
-            cache.state["ngram_hist_before"] = hist
-        full = torch.cat([hist, values], 1)  # (B, hist + N)
-        if cache is not None:
-            cache.state["ngram_hist"] = full[:, full.size(1) - self.hist :]
-        rows = []
-        for i, n in enumerate(self.ngram_sizes):
-            x = torch.zeros_like(values)
-            for j in range(n):
-                x = x * 257 + full[:, self.hist - j : self.hist - j + N]
-            h = torch.remainder((x * _HASH_MUL) >> 17, self.ngram_vocab)
-            rows.append(h + i * self.ngram_vocab)
-        e = self.ngram_emb(torch.stack(rows, -1)).sum(-2)  # (B, N, C)
+            cache.state["ngram_hist_before"], cache.state["ngram_hist"] = hist, after
+        B, N = values.shape
         return e.view(B, N // self.P, self.P, -1).sum(2)
 
     # -- output -----------------------------------------------------------------------------
@@ -173,12 +159,8 @@ class BytePatchIO(nn.Module):
         """After the cache was cut back to end with ``kept_bits`` (whole patches): the n-gram
         history as if only those had been fed."""
         if self.ngram_sizes:
-            hist = cache.state.get("ngram_hist_before")
-            values = _byte_values(kept_bits)
-            full = values if hist is None else torch.cat([hist, values], 1)
-            if full.size(1) < self.hist:
-                full = torch.cat([values.new_full((values.size(0), self.hist - full.size(1)), 256), full], 1)
-            cache.state["ngram_hist"] = full[:, full.size(1) - self.hist :]
+            before = cache.state.get("ngram_hist_before")
+            cache.state["ngram_hist"] = self.ngram_emb.history(_byte_values(kept_bits), before)
 
     def _local_logits(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """Logits for bits (B, L) that start at the patch whose context is h[:, 0]."""
@@ -263,6 +245,42 @@ class BytePatchIO(nn.Module):
         before = before.view(B, -1, e.size(-1))[:, :n]
         x = self.ln_local(before + self.local_pos_emb(j))
         return x + self.local_proj(F.gelu(self.local_fc(x)))
+
+
+class NgramEmbedding(nn.Embedding):
+    """Hashed byte n-gram embeddings (after BLT's hash n-gram embeddings, arXiv 2412.09871):
+    byte t's vector is the sum, over each size n in ``sizes``, of a row chosen by a hash of the
+    n bytes ending at t, one table of ``vocab`` rows per size (collisions share a row). Bytes
+    before a window's start count as the value 256, so a window's first bytes have n-grams of
+    their own. Causal by construction: byte t's n-grams end at t. It gives the model a byte's
+    local context as an input rather than something attention must first learn to gather."""
+
+    def __init__(self, sizes: list[int], vocab: int, d: int):
+        super().__init__(len(sizes) * vocab, d)
+        self.sizes, self.vocab, self.hist = list(sizes), vocab, max(sizes) - 1
+
+    def forward(self, values: torch.Tensor, hist: torch.Tensor | None = None):
+        """(embeddings (B, N, C) of bytes ``values`` (B, N), the last ``max(sizes) - 1``
+        bytes (B, H) to pass as ``hist`` with the bytes that follow)."""
+        B, N = values.shape
+        full = self._full(values, hist)
+        rows = []
+        for i, n in enumerate(self.sizes):
+            x = torch.zeros_like(values)
+            for j in range(n):  # the n-gram's bytes, base 257 (int64 wraps: it is only hashed)
+                x = x * 257 + full[:, self.hist - j : self.hist - j + N]
+            rows.append(torch.remainder((x * _HASH_MUL) >> 17, self.vocab) + i * self.vocab)
+        return super().forward(torch.stack(rows, -1)).sum(-2), full[:, full.size(1) - self.hist :]
+
+    def history(self, values: torch.Tensor, hist: torch.Tensor | None = None) -> torch.Tensor:
+        """The history after bytes ``values`` that followed ``hist``."""
+        full = self._full(values, hist)
+        return full[:, full.size(1) - self.hist :]
+
+    def _full(self, values: torch.Tensor, hist: torch.Tensor | None) -> torch.Tensor:
+        if hist is None:
+            hist = values.new_full((values.size(0), self.hist), 256)
+        return torch.cat([hist, values], 1)
 
 
 _HASH_MUL = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)

@@ -119,6 +119,7 @@ def iter_generate(
         return
     window = model.io.max_bits // 9 * 9
     keep = max(9, window // 2 // 9 * 9)
+    rule = _SamplingRule(temperature, top_p, seq.size(0), seq.device)
     with _eval_mode(model):
         start = max(0, seq.size(1) - (window - 9))
         start += (-start) % 9
@@ -131,7 +132,7 @@ def iter_generate(
                 logits = model(seq[:, start:], cache, telemetry=False)[0][:, -1]
             if use_cache and hasattr(model.io, "next_byte_log_probs"):
                 log_q = model.io.next_byte_log_probs(cache)  # (B, 256)
-                bits = _draw_byte(log_q, temperature, top_p, generator)
+                bits = _draw_byte(log_q, rule, generator)
                 seq = torch.cat([seq, bits], 1)
                 model(bits, cache, telemetry=False, decode=False)  # advance the cache by the whole byte
                 yield GeneratedByte(bits, log_q=log_q)
@@ -171,21 +172,32 @@ def byte_log_probs(node_logits: torch.Tensor, temperature, top_p) -> torch.Tenso
     return lp[..., nodes, ones.long()].sum(-1)  # (B, ..., 256)
 
 
-def _draw_byte(log_q: torch.Tensor, temperature, top_p, generator) -> torch.Tensor:
+class _SamplingRule:
+    """Per-row temperature and top-p (B,) on the device, read once per generation."""
+
+    def __init__(self, temperature, top_p, B: int, device: torch.device):
+        self.t = torch.as_tensor(temperature, dtype=torch.float32).expand(B).to(device)
+        self.p = torch.as_tensor(top_p, dtype=torch.float32).expand(B).to(device)
+        self.greedy = self.t <= 0
+        self.plain = bool(((self.t == 1) & (self.p >= 1)).all())  # the decoder's own distribution
+        self.any_greedy = bool(self.greedy.any())
+
+    def log_probs(self, log_q: torch.Tensor) -> torch.Tensor:
+        """The sampling distribution (B, ..., 256) from the decoder's ``log_q``."""
+        return log_q if self.plain else byte_log_probs(node_logits(log_q), self.t, self.p)
+
+
+def _draw_byte(log_q: torch.Tensor, rule: _SamplingRule, generator) -> torch.Tensor:
     """Draw a whole byte from the decoder's byte distribution ``log_q`` (B, 256) as drawing its
     bits one by one with :func:`sample_bit` would (:func:`byte_log_probs`; at temperature 1 and
     top_p 1 that is ``log_q`` itself), in one draw; return its 9 bits (B, 9), parity set."""
-    B = log_q.size(0)
-    t = torch.as_tensor(temperature, dtype=torch.float32).expand(B)
-    p = torch.as_tensor(top_p, dtype=torch.float32).expand(B)
-    plain = bool(((t == 1) & (p >= 1)).all())
-    logp = log_q if plain else byte_log_probs(node_logits(log_q), t.to(log_q.device), p.to(log_q.device))
+    logp = rule.log_probs(log_q)
     probs = logp.float().exp()
     if isinstance(generator, list):
         drawn = torch.stack([torch.multinomial(probs[i], 1, generator=g).squeeze(-1) for i, g in enumerate(generator)])
     else:
         drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    byte = drawn if plain else torch.where(t.to(log_q.device) <= 0, logp.argmax(-1), drawn)
+    byte = torch.where(rule.greedy, logp.argmax(-1), drawn) if rule.any_greedy else drawn
     return _BYTE_BITS.to(byte.device)[byte]  # (B, 9), parity included
 
 
@@ -229,9 +241,8 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
     io, dev, B = model.io, seq.device, seq.size(0)
     window = io.max_bits // 9  # bytes of context
     keep = max(1, window // 2)
-    t = torch.as_tensor(temperature, dtype=torch.float32).expand(B).to(dev)
-    tp = torch.as_tensor(top_p, dtype=torch.float32).expand(B).to(dev)
-    greedy, plain = t <= 0, bool(((t == 1) & (tp >= 1)).all())
+    rule = _SamplingRule(temperature, top_p, B, dev)
+    greedy = rule.greedy
     table, place = _BYTE_BITS.to(dev), _PLACE.to(dev)
     values = (seq.view(B, -1, 9)[..., :8] * place).sum(-1)  # (B, L) bytes so far
     text = [bytes(row) for row in values.to(torch.uint8).cpu().numpy()]
@@ -252,7 +263,7 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
             length, seen = cache.length, cache.bits_seen
             model(torch.cat([pending, table[d_vals].view(B, 9 * n)], 1), cache, telemetry=False, decode=False)
             log_q = io._byte_log_probs(cache.state["h_all"])  # (B, n + 1, 256): after each fed byte
-            logp = log_q if plain else byte_log_probs(node_logits(log_q), t, tp)
+            logp = rule.log_probs(log_q)
             p = logp.float().exp()
             kept, accepted = n, torch.ones(B, dtype=torch.bool, device=dev)
             for i in range(n):  # draft i + 1, under p after fed byte i
