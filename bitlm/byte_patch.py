@@ -65,7 +65,7 @@ class BytePatchIO(nn.Module):
         d = cfg.d_model
         self.bos_emb = nn.Embedding(1, d)
         self.byte_emb = nn.Embedding(256 * self.P, d)  # (byte position in patch, value)
-        self.ngram_sizes = list(cfg.ngram_sizes)
+        self.ngram_sizes = list(cfg.ngram_sizes or [])
         if self.ngram_sizes:
             self.ngram_emb = NgramEmbedding(self.ngram_sizes, cfg.ngram_vocab, d)
         if self.P > 1:

@@ -177,6 +177,11 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
+# A checkpoint records every model setting its bitlm knew; one it lacks did not exist when it
+# was written, and gets the value that was the behaviour then (not today's default).
+ABSENT_MEANS: dict[str, Any] = {"ngram_sizes": [], "attn_dropout": 0.0}
+
+
 def read_checkpoint(
     directory: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
@@ -185,7 +190,7 @@ def read_checkpoint(
     directory = Path(directory)
     config = read_config(directory)
     try:
-        model_cfg = from_dict(ModelConfig, config.get("model", {}), "model")
+        model_cfg = from_dict(ModelConfig, {**ABSENT_MEANS, **config.get("model", {})}, "model")
     except ConfigError as e:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from None
     weights_path = directory / WEIGHTS_FILE

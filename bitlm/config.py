@@ -35,14 +35,18 @@ class ModelConfig:
     num_layers: int = 4
     dim_feedforward: int = 512
     max_seq_len: int = 1024
-    dropout: float = 0.1  # on the embeddings and every block's residual branches
+    # On the embeddings and every block's residual branches. None: the architecture's default
+    # (ARCH_DEFAULTS: the guide's 0.1 for "bit"; 0 for "byte_patch", where it cost 20% of the
+    # step's time and no held-out bits/byte measured at the budgets it trains in).
+    dropout: float | None = None
     # On the attention probabilities. Off by default: any value > 0 takes PyTorch's fused
     # attention (flash) kernels off the table for the math path, which materializes (B, H, T, T)
     # probabilities and a mask as large, and doubled the CPU step of byte_patch (issue 16).
     attn_dropout: float = 0.0
     # byte_patch: each patch's input also sums hashed embeddings of the byte n-grams of these
-    # sizes ending at each of its bytes (BLT's hash n-gram embeddings), ngram_vocab rows per size
-    ngram_sizes: list[int] = field(default_factory=list)
+    # sizes ending at each of its bytes (BLT's hash n-gram embeddings), ngram_vocab rows per
+    # size. None: the architecture's default (ARCH_DEFAULTS).
+    ngram_sizes: list[int] | None = None
     ngram_vocab: int = 8192
     chunk_size: int | None = None  # local attention window (positions); None = full causal
     reversible: bool = False
@@ -63,13 +67,14 @@ class ModelConfig:
         for name in ("d_model", "nhead", "num_layers", "dim_feedforward", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.attn_dropout < 1.0:
             raise ConfigError(f"model.attn_dropout must be in [0, 1), got {self.attn_dropout}")
-        if any(not 2 <= n <= 8 for n in self.ngram_sizes) or len(set(self.ngram_sizes)) < len(self.ngram_sizes):
+        sizes = self.ngram_sizes or []
+        if any(not 2 <= n <= 8 for n in sizes) or len(set(sizes)) < len(sizes):
             raise ConfigError(f"model.ngram_sizes must be distinct sizes from 2 to 8, got {self.ngram_sizes}")
-        if self.ngram_sizes and self.arch != "byte_patch":
+        if sizes and self.arch != "byte_patch":
             raise ConfigError("model.ngram_sizes needs arch=byte_patch: the bit model embeds bits, not bytes")
         if self.ngram_vocab < 1:
             raise ConfigError(f"model.ngram_vocab must be >= 1, got {self.ngram_vocab}")
@@ -87,6 +92,22 @@ class ModelConfig:
             # Reversible blocks already recompute activations; checkpointing them again only
             # adds a third forward pass.
             self.use_checkpoint = False
+
+    def resolved(self) -> ModelConfig:
+        """This config with every setting left to the architecture (None) set from
+        ARCH_DEFAULTS: what a model is built from and what its checkpoint records. (Kept None
+        until then, so that an override of ``model.arch`` brings that architecture's defaults.)"""
+        return dataclasses.replace(
+            self, **{k: v for k, v in ARCH_DEFAULTS[self.arch].items() if getattr(self, k) is None}
+        )
+
+
+# The settings that depend on the architecture, where a config leaves them None. byte_patch's
+# are what benchmarks/quality.py measured best at equal time (README, "Bits at byte-level cost").
+ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bit": {"dropout": 0.1, "ngram_sizes": []},
+    "byte_patch": {"dropout": 0.0, "ngram_sizes": [2, 3, 4]},
+}
 
 
 @dataclass

@@ -84,6 +84,7 @@ class BitTransformerLM(nn.Module):
             config = ModelConfig(**kwargs)
         elif kwargs:
             config = ModelConfig(**{**asdict(config), **kwargs})
+        config = config.resolved()  # the architecture's defaults where the config left them
         self.config = config
         cfg = config
         # What the model carries besides its weights (saved with them): the reference S judges

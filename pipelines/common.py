@@ -50,10 +50,15 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(**{"log_to_driver": True, **level})
     else:
+        num_cpus = num_cpus or max(4, os.cpu_count() or 1)
+        # Worker processes may start as many at a time as there are logical CPUs: at Ray's
+        # default (the physical cores) a training run's first seconds start ~10 and the raylet
+        # warns of "4x the maximum expected startup concurrency" into the driver's output.
+        os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(
             address="local",
-            num_cpus=num_cpus or max(4, os.cpu_count() or 1),
+            num_cpus=num_cpus,
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             # Tasks and actors that import the entrypoints' modules (Tune trials do) find them.

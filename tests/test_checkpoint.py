@@ -166,3 +166,20 @@ def test_the_reference_and_trained_modes_travel_with_the_weights(tmp_path):
     loaded = BitTransformerLM.from_pretrained(tmp_path / "ck")
     assert torch.equal(loaded.reference.counts, model.reference.counts)
     assert loaded.trained_modes == {"causal", "denoise"}
+
+
+def test_a_checkpoint_from_before_a_setting_existed_loads_as_it_was(tmp_path):
+    """A setting a checkpoint does not record gets the behaviour of its time, not today's
+    default: a byte_patch checkpoint from before n-gram embeddings loads without them."""
+    import json
+
+    model = BitTransformerLM(
+        d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=90, arch="byte_patch", ngram_sizes=[]
+    )
+    model.save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / "config.json"
+    meta = json.loads(path.read_text())
+    del meta["model"]["ngram_sizes"], meta["model"]["attn_dropout"]
+    path.write_text(json.dumps(meta))
+    loaded = BitTransformerLM.from_pretrained(tmp_path / "old")
+    assert loaded.config.ngram_sizes == [] and not hasattr(loaded.io, "ngram_emb")

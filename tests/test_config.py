@@ -96,3 +96,19 @@ def test_ngram_embeddings_are_checked_when_loaded():
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["model.arch=byte_patch", *bad])
+
+
+def test_settings_left_to_the_architecture_follow_it():
+    """dropout and ngram_sizes left unset (None) take the architecture's defaults when the
+    model is built, so an override of model.arch brings that architecture's own."""
+    from bitlm import BitTransformerLM
+    from bitlm.config import ARCH_DEFAULTS
+
+    cfg = load_config(None, ["model.arch=byte_patch"])
+    assert cfg.model.dropout is None and cfg.model.ngram_sizes is None
+    assert cfg.model.resolved().ngram_sizes == [2, 3, 4] and cfg.model.resolved().dropout == 0.0
+    bit = apply_overrides(cfg, ["model.arch=bit"]).model.resolved()
+    assert bit.ngram_sizes == [] and bit.dropout == ARCH_DEFAULTS["bit"]["dropout"] == 0.1  # the guide's
+    model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=90, arch="byte_patch")
+    assert model.config.dropout == 0.0 and hasattr(model.io, "ngram_emb")
+    assert BitTransformerLM(config=ModelConfig(arch="byte_patch", dropout=0.2, ngram_sizes=[])).config.dropout == 0.2
