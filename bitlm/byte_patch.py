@@ -258,19 +258,22 @@ class NgramEmbedding(nn.Embedding):
     def __init__(self, sizes: list[int], vocab: int, d: int):
         super().__init__(len(sizes) * vocab, d)
         self.sizes, self.vocab, self.hist = list(sizes), vocab, max(sizes) - 1
+        # Horner's rule over the window (bytes t-hist..t) as one product: size n weighs byte
+        # t-j by 257^(n-1-j), the bytes before the n-gram by 0 (int64 wraps: it is only hashed)
+        powers = torch.zeros(len(sizes), self.hist + 1, dtype=torch.long)
+        for i, n in enumerate(self.sizes):
+            powers[i, self.hist + 1 - n :] = 257 ** torch.arange(n)
+        self.register_buffer("powers", powers, persistent=False)
+        self.register_buffer("offsets", torch.arange(len(sizes)) * vocab, persistent=False)
 
     def forward(self, values: torch.Tensor, hist: torch.Tensor | None = None):
         """(embeddings (B, N, C) of bytes ``values`` (B, N), the last ``max(sizes) - 1``
         bytes (B, H) to pass as ``hist`` with the bytes that follow)."""
-        B, N = values.shape
         full = self._full(values, hist)
-        rows = []
-        for i, n in enumerate(self.sizes):
-            x = torch.zeros_like(values)
-            for j in range(n):  # the n-gram's bytes, base 257 (int64 wraps: it is only hashed)
-                x = x * 257 + full[:, self.hist - j : self.hist - j + N]
-            rows.append(torch.remainder((x * _HASH_MUL) >> 17, self.vocab) + i * self.vocab)
-        return super().forward(torch.stack(rows, -1)).sum(-2), full[:, full.size(1) - self.hist :]
+        window = full.unfold(1, self.hist + 1, 1)  # (B, N, hist + 1)
+        x = (window[:, :, None, :] * self.powers).sum(-1)  # (B, N, sizes): each n-gram as a number
+        rows = torch.remainder((x * _HASH_MUL) >> 17, self.vocab) + self.offsets
+        return super().forward(rows).sum(-2), full[:, full.size(1) - self.hist :]
 
     def history(self, values: torch.Tensor, hist: torch.Tensor | None = None) -> torch.Tensor:
         """The history after bytes ``values`` that followed ``hist``."""
