@@ -175,7 +175,7 @@ class BitTransformerLM(nn.Module):
             pos = torch.arange(start, start + x.size(1), device=bits.device)
             x = self.drop(x + self.pos_emb(pos))
             if x.size(1):
-                h, acts, atts = self._run_blocks(x, cache, need_weights, causal)
+                h, acts, atts = self._run_blocks(x, cache, need_weights, causal, keep_acts=telemetry)
                 h = self.ln_f(h)
             else:  # byte_patch: the new bits complete no patch, the local decoder alone answers
                 h, acts, atts = x, [], []
@@ -199,13 +199,15 @@ class BitTransformerLM(nn.Module):
             "attention_maps": atts,
         }
 
-    def _run_blocks(self, x: torch.Tensor, cache: KVCache | None, need_weights: bool, causal: bool = True):
+    def _run_blocks(
+        self, x: torch.Tensor, cache: KVCache | None, need_weights: bool, causal: bool = True, keep_acts: bool = True
+    ):
         acts: list[torch.Tensor] = []
         atts: list[torch.Tensor] = []
         if self.config.reversible and cache is None and not need_weights:
             return reversible_stack(self.blocks, x, causal), acts, atts
         ckpt = self.config.use_checkpoint and self.training and cache is None and not need_weights
-        keep_acts = not (self.training and (self.config.reversible or self.config.use_checkpoint))
+        keep_acts = keep_acts and not (self.training and (self.config.reversible or self.config.use_checkpoint))
         if self.config.reversible:
             x1, x2 = x, x
         for i, block in enumerate(self.blocks):
@@ -237,7 +239,7 @@ def _check_bits(bits: Any) -> torch.Tensor:
         raise ValueError(f"bits must have shape (batch, seq_len), got {tuple(bits.shape)}")
     if bits.dtype.is_floating_point or bits.dtype == torch.bool:
         bits = bits.long()
-    if not torch.compiler.is_compiling() and bits.numel() and (bits.min() < 0 or bits.max() > 1):
+    if not torch.compiler.is_compiling() and bits.numel() and bool((bits & ~1).any()):  # one pass
         raise ValueError("bits must hold only 0 and 1")
     return bits.long()
 
@@ -340,7 +342,7 @@ def infer_long_sequence(
     stride -= stride % 9
     if stride <= 0 or stride > chunk:
         raise ValueError(f"stride must be in 9..chunk_size bits (byte-aligned), got {stride}")
-    out = torch.empty(bits.size(0), T, 2)
+    out = torch.empty(bits.size(0), T, 2, device=bits.device)
     start = 0
     while True:
         end = min(start + chunk, T)
