@@ -225,6 +225,7 @@ def grow_to(
     no sequence of depth/width/context doublings reaches raises ValueError."""
     steps = []
     fields = {"depth": "num_layers", "width": "d_model", "context": "max_seq_len"}
+    target = target.resolved()  # a model's config is resolved; so must the target be
     while True:
         cur = model.config
         if asdict(cur) == asdict(target):

@@ -75,7 +75,7 @@ class Worker:
         self.growth: dict[str, Any] | None = None
         if state is None:
             self.base = BitTransformerLM(config=self.cfg.model)
-        elif _model_config(state["model"]) != self.cfg.model:
+        elif _model_config(state["model"]) != self.cfg.model.resolved():  # as built and checkpointed
             self.base = self._grow(state["model"])  # the scaling scheduler changed the config
         else:
             self.base = state["model"]

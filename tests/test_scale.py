@@ -174,3 +174,24 @@ def test_expanded_optimizer_keeps_the_fused_kernel():
     trainer.train_step([_windows(8)])
     grown = expand_model(model, "depth")
     assert expand_optimizer(trainer.optimizer, model, grown).defaults["fused"] is True
+
+
+@pytest.mark.parametrize("arch", ["bit", "byte_patch"])
+def test_grow_to_reaches_a_target_that_leaves_settings_to_the_architecture(arch):
+    """A config as loaded leaves dropout and ngram_sizes None (the architecture's defaults); a
+    built model's config has them set. grow_to compares like with like: growing a checkpointed
+    model to its sweep's grown config is depth then width, not 'cannot grow'."""
+    from dataclasses import replace
+
+    from bitlm.config import ModelConfig
+    from bitlm.scale import grow_to
+
+    loaded = ModelConfig(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=144, arch=arch)
+    assert loaded.dropout is None and loaded.ngram_sizes is None
+    model = BitTransformerLM(config=loaded)
+    target = replace(loaded, num_layers=4, d_model=64, dim_feedforward=128)
+    grown, steps = grow_to(model, target, generator=torch.Generator().manual_seed(0))
+    assert steps == ["depth", "width"]
+    assert grown.config == target.resolved()
+    same, none = grow_to(model, loaded)
+    assert none == [] and same is model
