@@ -24,8 +24,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-
 
 def _docs(copies: int) -> list[dict]:
     from pydoc_data.topics import topics
@@ -43,6 +41,7 @@ def encode_throughput(copies: int) -> dict:
     A Ray Data execution has a fixed start-up cost (~0.4 s here, measured by an identity map),
     so the marginal rate between the two sizes is Ray Data's steady-state throughput. Worker
     processes are warmed up first (their first task imports torch)."""
+    import pyarrow as pa
     import ray.data
 
     from pipelines.prepare_data import _windows
@@ -52,16 +51,16 @@ def encode_throughput(copies: int) -> dict:
     for n in (1, copies):
         docs = _docs(n)
         total = sum(len(d["raw"]) for d in docs)
-        batch = {k: np.array([d[k] for d in docs], dtype=object) for k in ("source", "record", "start", "raw", "split")}
+        batch = pa.Table.from_pylist(docs)
         t = time.perf_counter()
         local = _windows(batch, **kwargs)
         local_s = time.perf_counter() - t
         ds = ray.data.from_items(docs).repartition(16).materialize()  # input already in the object store
-        ds.map_batches(_windows, fn_kwargs=kwargs, batch_format="numpy", batch_size=None).materialize()  # warm-up
+        ds.map_batches(_windows, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None).materialize()  # warm-up
         t = time.perf_counter()
-        rows = ds.map_batches(_windows, fn_kwargs=kwargs, batch_format="numpy", batch_size=None).materialize().count()
+        rows = ds.map_batches(_windows, fn_kwargs=kwargs, batch_format="pyarrow", batch_size=None).materialize().count()
         ray_s = time.perf_counter() - t
-        assert rows == len(local["bytes"])
+        assert rows == local.num_rows
         out[n] = {"bytes": total, "in_process_s": local_s, "ray_data_s": ray_s, "ratio": local_s / ray_s}
     small, big = out[1], out[copies]
     marginal_ray = (big["bytes"] - small["bytes"]) / (big["ray_data_s"] - small["ray_data_s"])

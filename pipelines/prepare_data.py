@@ -16,6 +16,9 @@ window crosses a cut. Every document becomes windows of ``data.window_bytes`` by
 ``data.stride_bytes``. Documents go to train or validation by a hash of their content with
 ``data.seed``, so the split is deterministic, does not depend on where the corpus lies (the
 same files split the same way on every machine), and puts copies of one text in the same split.
+The training shards hold their windows shuffled: sorted by a hash of each window's document,
+offset and ``data.seed`` (``shuffle_keys``), the same order whatever the cluster or Ray's
+blocks; the validation shards hold theirs in document order.
 
 Shards are parquet files with one row per window: ``bytes`` (the window's text: bits are made
 from it where it is read, on the device that reads it: 9 per byte, 8 data bits + parity),
@@ -40,8 +43,7 @@ import json
 import os
 import sys
 import time
-import warnings
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,6 +58,9 @@ from pipelines.common import FORMAT_VERSION, MANIFEST, DataError, init_ray  # no
 from pipelines.sources import discover, read_documents  # noqa: E402
 
 EXAMPLES_PER_REASON = 5
+# Training windows sorted at a time on the driver (one range of the shuffle's key space): a
+# pass over the documents per range, so larger means fewer passes and more memory.
+TRAIN_BUCKET_BYTES = 64 << 20
 
 
 # -- documents -> pieces -> windows (Ray Data tasks) ------------------------------------------
@@ -80,22 +85,25 @@ def cut_points(raw: bytes, chunk: int) -> list[int]:
     return starts
 
 
-def _chunk(batch: dict[str, np.ndarray], chunk: int) -> dict[str, np.ndarray]:
-    """Valid documents longer than ``chunk`` bytes -> one row per piece (``start`` its offset)."""
-    out: dict[str, list] = defaultdict(list)
-    keys = list(batch)
-    for i in range(len(batch["raw"])):
-        row = {k: batch[k][i] for k in keys}
-        raw = bytes(row["raw"])
-        starts = [0] if row["reason"] else cut_points(raw, chunk)
-        for a, b in zip(starts, [*starts[1:], len(raw)]):
-            for k in keys:
-                out[k].append(row[k])
-            out["start"][-1] = a
-            out["raw"][-1] = raw[a:b]
-    return {
-        k: np.array(v, dtype=object if k in ("raw", "source", "reason", "detail") else None) for k, v in out.items()
-    }
+def _pieces(batch: dict[str, np.ndarray], chunk: int, seed: int, val_fraction: float) -> dict[str, np.ndarray]:
+    """Documents -> one row per piece (valid documents longer than ``chunk`` bytes are cut,
+    ``start`` is a piece's offset), with its size ``n`` and its ``split``."""
+    index, starts, raws = [], [], []
+    for i, (raw, reason) in enumerate(zip(batch["raw"], batch["reason"])):
+        raw = bytes(raw)
+        cuts = [0] if reason else cut_points(raw, chunk)
+        for a, b in zip(cuts, [*cuts[1:], len(raw)]):
+            index.append(i)
+            starts.append(a)
+            raws.append(raw[a:b] if len(cuts) > 1 else raw)
+    take = np.array(index, np.int64)
+    out = {k: batch[k][take] for k in batch if k not in ("start", "raw")}
+    out["start"] = np.array(starts, np.int64)
+    out["raw"] = np.empty(len(raws), dtype=object)  # 1-D, bytes as elements (np.array would widen them)
+    out["raw"][:] = raws
+    out["n"] = np.array([len(r) for r in raws], np.int64)
+    out["split"] = np.array([split_of(r, seed, val_fraction) for r in raws], dtype=object)
+    return out
 
 
 def doc_id(source: str, record: int, start: int = 0) -> int:
@@ -111,29 +119,65 @@ def split_of(raw: bytes, seed: int, val_fraction: float) -> str:
     return "val" if int.from_bytes(h, "big") / 2**64 < val_fraction else "train"
 
 
-def _windows(batch: dict[str, np.ndarray], window: int, stride: int) -> dict[str, np.ndarray]:
-    """Cut each document into windows of bytes (vectorized per document). Columns are plain
-    numpy arrays, so blocks move through Arrow without pickling."""
-    parts: dict[str, list[np.ndarray]] = {"bytes": [], "doc_id": [], "offset": [], "split": []}
-    for source, record, start, raw, split in zip(
-        batch["source"], batch["record"], batch["start"], batch["raw"], batch["split"]
-    ):
-        data = np.frombuffer(bytes(raw), dtype=np.uint8)
-        if data.size < window:
-            continue
-        starts = np.arange(0, data.size - window + 1, stride)
-        parts["bytes"].append(data[starts[:, None] + np.arange(window)])  # (n, window)
-        parts["doc_id"].append(np.full(len(starts), doc_id(str(source), int(record), int(start)), dtype=np.int64))
-        parts["offset"].append(starts.astype(np.int64))
-        parts["split"].append(np.full(len(starts), split))
-    if not parts["bytes"]:
-        return {
-            "bytes": np.zeros((0, window), np.uint8),
-            "doc_id": np.zeros(0, np.int64),
-            "offset": np.zeros(0, np.int64),
-            "split": np.zeros(0, "<U5"),
-        }
-    return {k: np.concatenate(v) for k, v in parts.items()}
+def shuffle_keys(doc_ids: np.ndarray, offsets: np.ndarray, seed: int) -> np.ndarray:
+    """The training order's sort key of each window: a 64-bit hash (splitmix64) of its
+    document, offset and ``data.seed``. Sorting by it is a uniform random permutation that
+    depends on nothing but the windows themselves (not on Ray's blocks or the cluster)."""
+
+    def mix(z: np.ndarray) -> np.ndarray:
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+    with np.errstate(over="ignore"):  # the multiplications wrap, as the hash means them to
+        first = mix(doc_ids.astype(np.uint64) ^ mix(np.array([seed % 2**64], np.uint64)))
+        return mix(first ^ offsets.astype(np.uint64))
+
+
+def _bucket(keys: np.ndarray, buckets: int) -> np.ndarray:
+    """Which of ``buckets`` equal ranges of the key space each key lies in (top 32 bits)."""
+    return ((keys >> np.uint64(32)) * np.uint64(buckets)) >> np.uint64(32)
+
+
+def _windows(
+    batch: pa.Table, window: int, stride: int, split: str | None = None, bucket: tuple[int, int, int] | None = None
+) -> pa.Table:
+    """The windows of a block of documents (``source, record, start, raw``; with ``split``
+    only that split's valid documents) as rows ``bytes`` (fixed-size binary), ``doc_id``,
+    ``offset``. With ``bucket`` = (seed, index, buckets) only the windows whose shuffle key
+    (shuffle_keys) lies in that bucket, with the key as a column ``key``.
+
+    Vectorized over the block: each window's first byte is arithmetic on the documents'
+    offsets in the block's text buffer, and the windows are gathered from one strided view of
+    it. Fixed-size binary, not a tensor column: Arrow moves and gathers it in C++."""
+    keep = np.ones(batch.num_rows, bool)
+    if split is not None:
+        keep &= batch.column("split").to_numpy(zero_copy_only=False) == split
+    if "reason" in batch.column_names:
+        keep &= batch.column("reason").to_numpy(zero_copy_only=False) == ""
+    table = batch if keep.all() else batch.filter(pa.array(keep))
+    raw = table.column("raw").combine_chunks().cast(pa.large_binary())  # one buffer, 64-bit offsets
+    ends = np.frombuffer(raw.buffers()[1], np.int64)[raw.offset : raw.offset + len(raw) + 1]
+    first, size = ends[:-1], np.diff(ends)
+    counts = np.where(size >= window, (size - window) // stride + 1, 0)  # windows per document
+    total = int(counts.sum())
+    docs = np.repeat(np.arange(len(counts)), counts)  # each window's document
+    offset = (np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)) * stride
+    keys = zip(*(table.column(k).to_pylist() for k in ("source", "record", "start")), counts)
+    ids = np.array([doc_id(s, r, a) if c else 0 for s, r, a, c in keys], np.int64)[docs]
+    columns = {}
+    if bucket is not None:
+        seed, index, buckets = bucket
+        key = shuffle_keys(ids, offset, seed)
+        mine = _bucket(key, buckets) == index
+        docs, offset, ids, columns["key"] = docs[mine], offset[mine], ids[mine], key[mine]
+    rows = np.zeros((0, window), np.uint8)
+    if len(docs):
+        text = np.frombuffer(raw.buffers()[2], np.uint8)
+        rows = np.lib.stride_tricks.sliding_window_view(text, window)[first[docs] + offset]  # (rows, window)
+    column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(window), len(rows), [None, pa.py_buffer(rows)])
+    return pa.table({"bytes": column, "doc_id": ids, "offset": offset.astype(np.int64), **columns})
 
 
 # -- the fingerprint: what made the shards ----------------------------------------------------
@@ -196,20 +240,73 @@ def check_fresh(manifest: dict, cfg: DataConfig) -> list[str]:
 # -- the job -------------------------------------------------------------------------------------
 
 
-def write_shards(ds, out_dir: Path, split: str, rows_per_shard: int) -> list[dict]:
-    """Write ``ds`` as parquet shards ``{split}-00000.parquet`` ... with pyarrow; return their
-    manifest entries (file, rows, sha256)."""
-    shards = []
-    for i, batch in enumerate(ds.iter_batches(batch_size=rows_per_shard, batch_format="numpy")):
-        data = np.ascontiguousarray(batch["bytes"], dtype=np.uint8)  # (rows, window bytes)
-        width = data.shape[1]
-        column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), len(data), [None, pa.py_buffer(data.tobytes())])
-        table = pa.table({"bytes": column.cast(pa.binary()), "doc_id": batch["doc_id"], "offset": batch["offset"]})
-        name = f"{split}-{i:05d}.parquet"
-        pq.write_table(table, out_dir / name)
-        digest = file_sha256(out_dir / name)
-        shards.append({"file": name, "split": split, "rows": table.num_rows, "sha256": digest})
+def _write_shard(table: pa.Table, path: Path) -> str:
+    """Encode one shard in memory, write it once; its SHA-256."""
+    columns = {k: table.column(k).combine_chunks() for k in ("bytes", "doc_id", "offset")}
+    columns["bytes"] = columns["bytes"].cast(pa.binary())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(columns), sink)
+    encoded = sink.getvalue()
+    path.write_bytes(encoded)
+    return hashlib.sha256(encoded).hexdigest()
+
+
+def write_shards(tables, out_dir: Path, split: str, rows_per_shard: int) -> list[dict]:
+    """Write the rows of ``tables`` (pyarrow tables of fixed-size binary ``bytes``, ``doc_id``,
+    ``offset``), in order, as parquet shards ``{split}-00000.parquet`` ... of
+    ``rows_per_shard`` rows (the last fewer); return their manifest entries (file, rows,
+    sha256). Shards are encoded and written by two threads (pyarrow and hashlib let go of the
+    GIL) while this one takes the next rows, so a pass of Ray tasks runs beside the writing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards: list[dict] = []
+    futures = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+
+        def submit(table: pa.Table) -> None:
+            name = f"{split}-{len(shards):05d}.parquet"
+            shards.append({"file": name, "split": split, "rows": table.num_rows})
+            futures.append(pool.submit(_write_shard, table, out_dir / name))
+            if len(futures) > 8:  # a bounded backlog: memory stays a few shards
+                futures[-9].result()
+
+        pending: list[pa.Table] = []
+        held = 0
+        for table in tables:
+            pending.append(table)
+            held += table.num_rows
+            while held >= rows_per_shard:
+                rows = pa.concat_tables(pending)
+                submit(rows.slice(0, rows_per_shard))
+                pending, held = [rows.slice(rows_per_shard)], held - rows_per_shard
+        if held:
+            submit(pa.concat_tables(pending))
+    for shard, future in zip(shards, futures):
+        shard["sha256"] = future.result()
     return shards
+
+
+def _shuffled(docs, cfg: DataConfig, stride: int, windows: int):
+    """The training windows in their shuffled order (sorted by shuffle_keys), as tables: the
+    key space is cut into ranges of about TRAIN_BUCKET_BYTES of windows, and each range is
+    one pass over the documents that keeps the windows whose key lies in it and sorts them.
+    Memory: one range on the driver, whatever the corpus's size."""
+    buckets = max(1, -(-windows * cfg.window_bytes // TRAIN_BUCKET_BYTES))
+    for index in range(buckets):
+        part = docs.map_batches(
+            _windows,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "window": cfg.window_bytes,
+                "stride": stride,
+                "split": "train",
+                "bucket": (cfg.seed, index, buckets),
+            },
+        )
+        tables = list(part.iter_batches(batch_size=None, batch_format="pyarrow"))
+        if tables:
+            table = pa.concat_tables(tables)
+            yield table.take(np.lexsort([table.column(k).to_numpy() for k in ("offset", "doc_id", "key")]))
 
 
 def prepare(
@@ -237,20 +334,14 @@ def prepare(
     rejects += file_rejects
     doc_rows = []
     if docs is not None:
-        seed, frac = cfg.seed, cfg.val_fraction
-        docs = (
-            docs.map_batches(_chunk, batch_format="numpy", fn_kwargs={"chunk": cfg.chunk_bytes})
-            .map_batches(
-                lambda b: {
-                    **b,
-                    "n": np.array([len(bytes(r)) for r in b["raw"]], np.int64),
-                    "split": np.array([split_of(bytes(r), seed, frac) for r in b["raw"]]),
-                },
-                batch_format="numpy",
-            )
-            .materialize()
-        )
-        for row in docs.select_columns(["source", "record", "start", "reason", "detail", "n", "split"]).take_all():
+        docs = docs.map_batches(
+            _pieces,
+            batch_format="numpy",
+            fn_kwargs={"chunk": cfg.chunk_bytes, "seed": cfg.seed, "val_fraction": cfg.val_fraction},
+        ).materialize()
+        rows = docs.select_columns(["source", "record", "start", "reason", "detail", "n", "split"]).take_all()
+        # In input order (file, record, piece), whatever order Ray's blocks arrived in.
+        for row in sorted(rows, key=lambda r: (r["source"], r["record"], r["start"])):
             if row["reason"]:
                 rejects.append({k: row[k] for k in ("reason", "source", "record", "detail")})
             else:
@@ -279,26 +370,21 @@ def prepare(
         raise DataError(
             f"nothing usable remains in {inputs or 'the built-in corpus'}: rejected {dict(Counter(r['reason'] for r in rejects))}"
         )
-    with warnings.catch_warnings():  # Ray Data's hint to use its expressions: these rows are few, per document
-        warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
-        valid = docs.filter(lambda r: not r["reason"])
-    windows = valid.map_batches(
-        _windows,
-        batch_format="numpy",
-        fn_kwargs={"window": cfg.window_bytes, "stride": stride},
-    ).materialize()
-    manifest_shards = []
-    counts: dict[str, dict[str, int]] = {}
-    for split in ("train", "val"):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")
-            part = windows.filter(lambda r, s=split: r["split"] == s)
-        if split == "train":
-            part = part.random_shuffle(seed=cfg.seed)
-        manifest_shards += write_shards(part, out_dir, split, cfg.shard_rows)
+    # Each split's windows are cut from the documents by the passes that write them: no dataset
+    # of windows is held, nor shuffled through the object store.
     for d in usable:
         d["doc_id"] = doc_id(d["source"], d["record"], d["start"])
         d["windows"] = max(0, (d["bytes"] - cfg.window_bytes) // stride + 1)
+    train_windows = sum(d["windows"] for d in usable if d["split"] == "train")
+    shuffled = _shuffled(docs, cfg, stride, train_windows)
+    manifest_shards = write_shards(shuffled, out_dir, "train", cfg.shard_rows)
+    val = docs.map_batches(
+        _windows, batch_format="pyarrow", fn_kwargs={"window": cfg.window_bytes, "stride": stride, "split": "val"}
+    )
+    manifest_shards += write_shards(
+        val.iter_batches(batch_size=None, batch_format="pyarrow"), out_dir, "val", cfg.shard_rows
+    )
+    counts: dict[str, dict[str, int]] = {}
     for split in ("train", "val"):
         ds = [d for d in usable if d["split"] == split]
         counts[split] = {
@@ -306,9 +392,9 @@ def prepare(
             "bytes": sum(d["bytes"] for d in ds),
             "windows": sum(s["rows"] for s in manifest_shards if s["split"] == split),
         }
-    if counts["val"]["windows"] == 0 or counts["train"]["windows"] == 0:
+    if empty := [split for split in ("val", "train") if counts[split]["windows"] == 0][:1]:
         raise DataError(
-            f"the {'val' if counts['val']['windows'] == 0 else 'train'} split is empty: {counts}; use more documents or change data.val_fraction / data.seed"
+            f"the {empty[0]} split is empty: {counts}; use more documents or change data.val_fraction / data.seed"
         )
     pq.write_table(pa.Table.from_pylist(usable), out_dir / "documents.parquet")
     by_reason: dict[str, dict] = {}
@@ -341,11 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="experiment YAML; its data section is used")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument(
-        "--input",
-        action="append",
-        help="file, directory or glob (repeatable); default: data.inputs or the built-in corpus",
-    )
+    ap.add_argument("--input", action="append", help="file, directory or glob (repeatable; default: data.inputs)")
     ap.add_argument("--output", help="output directory (default: data.output_dir)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.set)

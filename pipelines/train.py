@@ -146,6 +146,7 @@ def make_trainer(
             "experiment": to_dict(cfg),
             "mlflow": {"uri": tracking_uri(), "run_id": run_id},
             "window_bytes": manifest["window_bytes"],
+            "val_windows": manifest["splits"]["val"]["windows"],
             "total_steps": total_steps(cfg, manifest),
             "run_dir": str(run_dir),
             "verbose": verbose,

@@ -36,7 +36,7 @@ from bitlm.distributed import gather_batch, parallelize
 from bitlm.optim import optimizer_param_names
 from bitlm.scale import grow_to
 from pipelines import ray_checkpoint
-from pipelines.common import window_bytes
+from pipelines.common import DataError, window_bytes
 from pipelines.tracking import MetricLog, system_metrics
 
 LOGGED = (
@@ -208,23 +208,27 @@ def _node_ips(world: int) -> list[str]:
     return ips
 
 
-def _validation(w: Worker) -> torch.Tensor | None:
+def _validation(w: Worker, windows: int | None = None) -> torch.Tensor | None:
     """Rank 0's validation windows as bytes (uint8 (N, W): one byte of memory per byte of
     text; bits are made a batch at a time on the device), or only the ``train.eval_batches``
-    batches that evaluation reads, spread evenly over the split."""
+    batches that evaluation reads, spread evenly over the split's ``windows`` (the manifest's
+    count). The split streams past: only the kept windows are held, whatever its size."""
     import ray.train
 
     if w.rank != 0:
         return None
-    rows = [
-        window_bytes(b["bytes"])
-        for b in ray.train.get_dataset_shard("val").iter_batches(batch_size=1024, batch_format="numpy")
-    ]
-    val = torch.from_numpy(np.concatenate(rows))
     keep = w.cfg.train.eval_batches and w.cfg.train.eval_batches * EVAL_BATCH
-    if keep and len(val) > keep:
-        val = val[torch.linspace(0, len(val) - 1, keep).long()].clone()
-    return val
+    pick = torch.linspace(0, windows - 1, keep).long().numpy() if keep and windows and windows > keep else None
+    rows, seen = [], 0
+    for b in ray.train.get_dataset_shard("val").iter_batches(batch_size=1024, batch_format="numpy"):
+        chunk = window_bytes(b["bytes"])
+        if pick is not None:
+            chunk = chunk[pick[(pick >= seen) & (pick < seen + len(chunk))] - seen]  # a copy: the batch can go
+        seen += len(b["bytes"])
+        rows.append(chunk)
+    if pick is not None and seen != windows:
+        raise DataError(f"the val split has {seen} windows, its manifest says {windows}: prepare the data again")
+    return torch.from_numpy(np.concatenate(rows))
 
 
 def _log_growth(w: Worker, val: torch.Tensor | None, log: MetricLog | None) -> dict[str, float]:
@@ -281,7 +285,7 @@ def _train(w: Worker, loop_config: dict[str, Any]) -> None:
         log.flush()
         if w.restored:
             print(f"restored from the checkpoint at step {w.trainer.step}", flush=True)
-    val = _validation(w)
+    val = _validation(w, loop_config.get("val_windows"))
     shard = ray.train.get_dataset_shard("train")
     total = loop_config["total_steps"]
     fail_marker = Path(loop_config["run_dir"]) / ".injected_failure" if cfg.run.fail_at_step else None

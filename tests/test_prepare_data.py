@@ -112,6 +112,27 @@ def test_split_is_deterministic_by_seed(ray_session, corpus, tmp_path):
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
 
 
+def test_training_order_is_a_shuffle_that_only_the_windows_and_seed_decide(ray_session, corpus, tmp_path, monkeypatch):
+    """The train shards hold their windows shuffled, sorted by a hash of each window and the
+    seed: byte for byte the same with a Ray block per file and many passes over the documents
+    as with one block and one pass."""
+    from pipelines import prepare_data, sources
+
+    cfg = DataConfig(window_bytes=32, stride_bytes=8, val_fraction=0.3, seed=3, shard_rows=50)
+    one = prepare(cfg, [str(corpus)], str(tmp_path / "one"))
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 512)  # a block per file
+    monkeypatch.setattr(prepare_data, "TRAIN_BUCKET_BYTES", 2048)  # several passes over the documents
+    many = prepare(cfg, [str(corpus)], str(tmp_path / "many"))
+    assert len([s for s in one["shards"] if s["split"] == "train"]) > 2
+    assert [s["sha256"] for s in many["shards"]] == [s["sha256"] for s in one["shards"]]
+    train = pa.concat_tables(
+        pq.read_table(tmp_path / "one" / s["file"]) for s in one["shards"] if s["split"] == "train"
+    )
+    ids, offsets = train.column("doc_id").to_pylist(), train.column("offset").to_pylist()
+    in_document_order = sum(a == b and o < p for a, b, o, p in zip(ids, ids[1:], offsets, offsets[1:]))
+    assert in_document_order < 0.5 * len(ids) and len(set(zip(ids, offsets))) == len(ids)
+
+
 def test_split_does_not_depend_on_where_the_corpus_lies(ray_session, corpus, tmp_path):
     import shutil
 
