@@ -23,6 +23,11 @@ BENCHMARKS = {
     "memory": ("memory.py", [], ["--depths", "4,8"]),
     "quantization": ("quantization.py", [], ["--seconds", "20", "--qat-seconds", "10"]),
     "platform": ("platform_throughput.py", [], ["--copies", "20", "--steps", "20"]),
+    "scale": (
+        "scale.py",
+        [],
+        "--corpus-mb 8 --one-file-mb 4 --one-file-chunk-bytes 262144 --steps 5 --eval-max-bytes 16384".split(),
+    ),
     "quality": ("quality.py", [], ["--minutes", "0.5"]),
     "scaling": ("scaling.py", [], ["--minutes", "1"]),
     "serve": ("serve_bench.py", [], ["--soak-seconds", "20"]),
