@@ -190,6 +190,8 @@ class DataConfig:
             raise ConfigError(
                 f"data.chunk_bytes ({self.chunk_bytes}) must be >= data.window_bytes ({self.window_bytes})"
             )
+        if self.shard_rows < 1:
+            raise ConfigError(f"data.shard_rows must be >= 1, got {self.shard_rows}")
         if self.stride_bytes is not None and self.stride_bytes < 1:
             raise ConfigError(f"data.stride_bytes must be >= 1, got {self.stride_bytes}")
         if not 0.0 < self.val_fraction < 1.0:

@@ -208,6 +208,12 @@ def _node_ips(world: int) -> list[str]:
     return ips
 
 
+def spread(keep: int, n: int) -> np.ndarray:
+    """``keep`` indices evenly spread over range(n), first and last included, in integers (a
+    float32 linspace rounds past the last index above 2**24)."""
+    return np.arange(keep, dtype=np.int64) * (n - 1) // max(1, keep - 1)
+
+
 def _validation(w: Worker, windows: int | None = None) -> torch.Tensor | None:
     """Rank 0's validation windows as bytes (uint8 (N, W): one byte of memory per byte of
     text; bits are made a batch at a time on the device), or only the ``train.eval_batches``
@@ -218,7 +224,7 @@ def _validation(w: Worker, windows: int | None = None) -> torch.Tensor | None:
     if w.rank != 0:
         return None
     keep = w.cfg.train.eval_batches and w.cfg.train.eval_batches * EVAL_BATCH
-    pick = torch.linspace(0, windows - 1, keep).long().numpy() if keep and windows and windows > keep else None
+    pick = spread(keep, windows) if keep and windows and windows > keep else None
     rows, seen = [], 0
     for b in ray.train.get_dataset_shard("val").iter_batches(batch_size=1024, batch_format="numpy"):
         chunk = window_bytes(b["bytes"])

@@ -112,3 +112,10 @@ def test_settings_left_to_the_architecture_follow_it():
     model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=90, arch="byte_patch")
     assert model.config.dropout == 0.0 and hasattr(model.io, "ngram_emb")
     assert BitTransformerLM(config=ModelConfig(arch="byte_patch", dropout=0.2, ngram_sizes=[])).config.dropout == 0.2
+
+
+def test_a_shard_of_no_rows_is_refused_by_name():
+    from bitlm.config import DataConfig
+
+    with pytest.raises(ConfigError, match="data.shard_rows must be >= 1, got 0"):
+        DataConfig(shard_rows=0)

@@ -1,5 +1,6 @@
 """pipelines/train.py and pipelines/evaluate.py: real Ray Train runs, a real MLflow store."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -190,3 +191,12 @@ def test_reading_the_shards_starts_two_footer_readers_not_thirty_two(data_dir):
     assert sum(len(b["bytes"]) for b in ds.iter_batches(batch_size=1024)) > 0  # a read (count() reads no footers)
     started = footer_readers() - before
     assert 1 <= len(started) <= 2
+
+
+def test_the_validation_sample_is_spread_over_the_whole_split_at_any_size():
+    from pipelines.worker import spread
+
+    for keep, n in [(1, 5), (2, 5), (64, 1000), (512, 16_777_220), (4096, 3_000_000_001)]:
+        pick = spread(keep, n)
+        assert len(pick) == keep and pick[0] == 0 and (keep == 1 or pick[-1] == n - 1)
+        assert (np.diff(pick) > 0).all() and pick.max() < n
