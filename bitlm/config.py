@@ -161,9 +161,14 @@ class TrainConfig:
         for name in ("compress_prob", "direct_prob", "diffusion_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name} must be in [0, 1], got {getattr(self, name)}")
-        bad = [s for s in self.scale_strategies if s not in ("depth", "width", "context")]
-        if bad:
-            raise ConfigError(f"train.scale_strategies: unknown strategy {bad[0]!r} (depth, width, context)")
+        check_strategies("train.scale_strategies", self.scale_strategies)
+
+
+def check_strategies(key: str, strategies) -> None:
+    """Growth strategies (bitlm.scale.expand_model's) or a ConfigError naming ``key``."""
+    bad = [x for x in strategies if x not in ("depth", "width", "context")]
+    if bad:
+        raise ConfigError(f"{key}: unknown strategy {bad[0]!r} (depth, width, context)")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, apply_overrides, from_dict
+from .config import ConfigError, apply_overrides, check_strategies, from_dict
 
 
 @dataclass
@@ -29,9 +29,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         if self.type not in ("asha", "fifo", "scaling"):
             raise ConfigError(f"sweep.scheduler.type must be asha, fifo or scaling, got {self.type!r}")
-        bad = [x for x in self.strategies if x not in ("depth", "width", "context")]
-        if bad:
-            raise ConfigError(f"sweep.scheduler.strategies: unknown strategy {bad[0]!r} (depth, width, context)")
+        check_strategies("sweep.scheduler.strategies", self.strategies)
 
 
 @dataclass

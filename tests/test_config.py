@@ -119,3 +119,14 @@ def test_a_shard_of_no_rows_is_refused_by_name():
 
     with pytest.raises(ConfigError, match="data.shard_rows must be >= 1, got 0"):
         DataConfig(shard_rows=0)
+
+
+def test_an_unknown_growth_strategy_is_refused_by_name_in_a_config_and_in_a_sweep():
+    from bitlm.config import TrainConfig
+    from bitlm.sweep_config import SchedulerConfig
+
+    with pytest.raises(ConfigError, match="train.scale_strategies: unknown strategy 'wide'"):
+        TrainConfig(scale_strategies=["depth", "wide"])
+    with pytest.raises(ConfigError, match="sweep.scheduler.strategies: unknown strategy 'tall'"):
+        SchedulerConfig(type="scaling", strategies=["tall"])
+    assert TrainConfig(scale_strategies=["depth", "width", "context"]).scale_strategies == ["depth", "width", "context"]
