@@ -56,8 +56,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
         # warns of "4x the maximum expected startup concurrency" into the driver's output.
         os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus))
         # Ray Data reads parquet footers with a pool of actors, 32 by default, each a process of
-        # ~100 MB: training on 307 shards held 3.3 GB in them (benchmarks/scale.py). Two read
-        # a few thousand local footers in well under a second.
+        # ~100 MB that a 2-worker training run held beside its own; the cluster's processes
+        # inherit this environment.
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(
@@ -66,12 +66,7 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
             include_dashboard=True,
             dashboard_host="127.0.0.1",
             # Tasks and actors that import the entrypoints' modules (Tune trials do) find them.
-            runtime_env={
-                "env_vars": {
-                    "PYTHONPATH": str(ROOT),
-                    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": os.environ["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"],
-                }
-            },
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
             **level,
         )
     from ray.data import DataContext

@@ -214,7 +214,7 @@ def spread(keep: int, n: int) -> np.ndarray:
     return np.arange(keep, dtype=np.int64) * (n - 1) // max(1, keep - 1)
 
 
-def _validation(w: Worker, windows: int | None = None) -> torch.Tensor | None:
+def _validation(w: Worker, windows: int) -> torch.Tensor | None:
     """Rank 0's validation windows as bytes (uint8 (N, W): one byte of memory per byte of
     text; bits are made a batch at a time on the device), or only the ``train.eval_batches``
     batches that evaluation reads, spread evenly over the split's ``windows`` (the manifest's
@@ -224,7 +224,7 @@ def _validation(w: Worker, windows: int | None = None) -> torch.Tensor | None:
     if w.rank != 0:
         return None
     keep = w.cfg.train.eval_batches and w.cfg.train.eval_batches * EVAL_BATCH
-    pick = spread(keep, windows) if keep and windows and windows > keep else None
+    pick = spread(keep, windows) if keep and windows > keep else None
     rows, seen = [], 0
     for b in ray.train.get_dataset_shard("val").iter_batches(batch_size=1024, batch_format="numpy"):
         chunk = window_bytes(b["bytes"])
@@ -291,7 +291,7 @@ def _train(w: Worker, loop_config: dict[str, Any]) -> None:
         log.flush()
         if w.restored:
             print(f"restored from the checkpoint at step {w.trainer.step}", flush=True)
-    val = _validation(w, loop_config.get("val_windows"))
+    val = _validation(w, loop_config["val_windows"])
     shard = ray.train.get_dataset_shard("train")
     total = loop_config["total_steps"]
     fail_marker = Path(loop_config["run_dir"]) / ".injected_failure" if cfg.run.fail_at_step else None
