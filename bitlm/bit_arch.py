@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .byte_patch import _TREE_BITS, mode_embedded
 from .config import ModelConfig
 
 
@@ -28,7 +29,7 @@ class BitIO(nn.Module):
 
     def embed_parameter_names(self) -> set[str]:
         """Parameters the input side uses (the first pipeline stage's)."""
-        return {"node_emb.weight", "prev_emb.weight", "bit_emb.weight"}
+        return {"node_emb.weight", "prev_emb.weight", "bit_emb.weight", "mode_emb"}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -40,8 +41,13 @@ class BitIO(nn.Module):
         else:
             self.bit_emb = nn.Embedding(2, cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 2)
+        self.mode_emb = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.mode_embedding else None
 
     def embed(self, bits: torch.Tensor, cache, causal: bool = True):
+        x, start = self._embed(bits, cache)
+        return mode_embedded(x, self.mode_emb, causal, self.training), start
+
+    def _embed(self, bits: torch.Tensor, cache):
         start = cache.length if cache is not None else 0
         if not self.prefix:
             return self.bit_emb(bits), start
@@ -61,6 +67,17 @@ class BitIO(nn.Module):
 
     def logits(self, h: torch.Tensor, bits: torch.Tensor, cache, causal: bool = True) -> torch.Tensor:
         return self.head(h)
+
+    def denoise_log_q(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """Denoising: the belief about each clean byte, log q (B, T / 9, 256), from the global
+        outputs ``h`` over the noisy window ``bits`` (B, T), T whole bytes: the product of its
+        8 data bits' marginals (this head predicts each bit on its own)."""
+        B, T = bits.shape
+        if T % 9:
+            raise ValueError(f"denoising a window of {T} bits, not whole bytes (a multiple of 9)")
+        lp = F.log_softmax(self.head(h).float(), -1).view(B, T // 9, 9, 2)[:, :, :8]  # (B, n, 8, 2)
+        ones = _TREE_BITS.to(h.device).long()  # (256, 8): byte v's bit at each depth
+        return lp[:, :, torch.arange(8, device=h.device), ones].sum(-1)  # (B, n, 256)
 
 
 _PLACE = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])

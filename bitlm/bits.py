@@ -22,6 +22,7 @@ DATA_BITS = 8
 _DATA = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1)  # (256, 8)
 _BYTE_TO_BITS = np.concatenate([_DATA, _DATA.sum(1, keepdims=True) % 2], axis=1).astype(np.uint8)
 _PARITY = _BYTE_TO_BITS[:, 8].copy()
+BYTE_BITS = torch.from_numpy(_BYTE_TO_BITS).long()  # (256, 9): byte value -> its 9 bits, parity set
 # Multiplying a little-endian uint64 whose 8 bytes are the bits b0..b7 (0/1, MSB first) by this
 # constant moves b_i to bit 63 - i (the shifts 63 - 9i never collide), so ">> 56" is the byte.
 _GATHER = np.uint64(0x8040201008040201)

@@ -53,6 +53,23 @@ PARITY_LOGIT = 1e4
 _PLACE = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])
 
 
+def touch_unused(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    """``x``, with ``params`` (not used to compute it) taking part times 0: data-parallel
+    training waits for a gradient of every parameter in every step, and a model trained in
+    both modes uses some parameters in one mode only."""
+    for p in params:
+        x = x + 0.0 * p.sum()
+    return x
+
+
+def mode_embedded(x: torch.Tensor, mode_emb: torch.Tensor | None, causal: bool, training: bool) -> torch.Tensor:
+    """The mode embedding (ModelConfig.mode_embedding) added to every position of a denoising
+    window; a causal one is left as it is (while training, touched: see touch_unused)."""
+    if mode_emb is None or (causal and not training):
+        return x
+    return touch_unused(x, mode_emb) if causal else x + mode_emb
+
+
 class BytePatchIO(nn.Module):
     """Embeds bits into global patch positions and decodes per-bit logits from them."""
 
@@ -64,6 +81,7 @@ class BytePatchIO(nn.Module):
         self.max_positions = cfg.max_seq_len // self.patch_bits + 2  # start vector + patches
         d = cfg.d_model
         self.bos_emb = nn.Embedding(1, d)
+        self.mode_emb = nn.Parameter(torch.zeros(d)) if cfg.mode_embedding else None
         self.byte_emb = nn.Embedding(256 * self.P, d)  # (byte position in patch, value)
         self.ngram_sizes = list(cfg.ngram_sizes or [])
         if self.ngram_sizes:
@@ -83,7 +101,8 @@ class BytePatchIO(nn.Module):
 
     def embed_parameter_names(self) -> set[str]:
         """Parameters the input side uses (the first pipeline stage's)."""
-        return {"bos_emb.weight", "byte_emb.weight"} | ({"ngram_emb.weight"} if self.ngram_sizes else set())
+        names = {"bos_emb.weight", "byte_emb.weight"} | ({"mode_emb"} if self.mode_emb is not None else set())
+        return names | ({"ngram_emb.weight"} if self.ngram_sizes else set())
 
     # -- input ------------------------------------------------------------------------------
 
@@ -95,7 +114,10 @@ class BytePatchIO(nn.Module):
             flat = _byte_values(F.pad(bits, (0, n * self.patch_bits - bits.size(1))))
             values = flat.view(B, n, self.P)
             x = self.byte_emb(values + 256 * torch.arange(self.P, device=bits.device)).sum(2)
-            return x + self._ngrams(flat, None), 0
+            x = x + self._ngrams(flat, None)
+            if self.training:  # the start vector, unused here, takes part (see touch_unused)
+                x = touch_unused(x, self.bos_emb.weight)
+            return mode_embedded(x, self.mode_emb, causal, self.training), 0
         if cache is None:
             ctx, start = bits, 0
         else:
@@ -114,6 +136,7 @@ class BytePatchIO(nn.Module):
                 e = e + self._ngrams(values.view(B, -1), cache)
             parts.append(e)
         x = torch.cat(parts, 1) if parts else bits.new_zeros(B, 0, self.bos_emb.embedding_dim, dtype=torch.float)
+        x = mode_embedded(x, self.mode_emb, causal, self.training)
         if cache is not None:
             cache.state["ctx"] = ctx  # the unfinished patch plus the new bits, for logits()
             cache.state["tail"] = ctx[:, n_complete * self.patch_bits :]
@@ -215,14 +238,20 @@ class BytePatchIO(nn.Module):
         zz = z[..., nodes]  # (..., 256, 8)
         return torch.where(ones, F.logsigmoid(zz), F.logsigmoid(-zz)).sum(-1)
 
-    def _marginal_logits(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    def denoise_log_q(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        """Denoising: the belief about each clean byte, log q (B, ceil(T / 9), 256), from the
+        global outputs ``h`` over the noisy window ``bits`` (B, T)."""
         B, T = bits.shape
         n_bytes = -(-T // 9)
         values = _byte_values(F.pad(bits, (0, 9 * n_bytes - T)))  # the noisy bytes as read
         c = h[:, torch.arange(n_bytes, device=bits.device) // self.P]
         if self.P > 1:
             c = c + self._patch_context(values)
-        logq = self._byte_log_probs(c)  # (B, n, 256)
+        return self._byte_log_probs(c)
+
+    def _marginal_logits(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+        B, T = bits.shape
+        logq = self.denoise_log_q(h, bits)  # (B, n, 256)
         masses = _subtree_log_masses(logq)  # depth d's nodes at 2^d - 2, in value order
         ones = [
             torch.logsumexp(masses[..., (1 << (d + 1)) - 2 :][..., : 1 << (d + 1)][..., 1::2], -1) for d in range(8)
@@ -232,7 +261,7 @@ class BytePatchIO(nn.Module):
         odd = torch.logsumexp(logq.masked_fill(~_ODD.to(bits.device), float("-inf")), -1)
         log1 = torch.cat([log1, odd[..., None]], -1)
         log0 = torch.cat([log0, torch.log1p(-odd.exp().clamp(max=1 - 1e-6))[..., None]], -1)
-        return torch.stack([log0, log1], -1).view(B, 9 * n_bytes, 2)[:, :T]
+        return torch.stack([log0, log1], -1).view(B, -1, 2)[:, :T]
 
     def _patch_context(self, values: torch.Tensor) -> torch.Tensor:
         """Local context (B, n_bytes, C): byte j of a patch sees bytes 0..j-1 of its patch."""

@@ -60,6 +60,9 @@ class ModelConfig:
     arch: str = "bit"  # "bit": one position per bit; "byte_patch": one per patch of bytes
     patch_bytes: int = 1  # bytes per global position (byte_patch only)
     local_decoder: str = "softmax"  # byte_patch: "softmax" (bit conditionals of a byte softmax) or "tree"
+    # A learned vector added to every input position in diffusion mode (causal=False), so that
+    # one model trained in both modes knows which task a window is (bitlm.diffusion).
+    mode_embedding: bool = True
 
     def __post_init__(self) -> None:
         if self.d_model % self.nhead:

@@ -183,10 +183,10 @@ def _diffusion_bytes(model, prompt_bits: torch.Tensor, max_new_bytes: int, gener
     """A denoising attempt: the whole continuation at once (at most ``diffusion_capacity``
     bytes), then handed out byte by byte."""
     n = min(max_new_bytes, diffusion_capacity(model))
-    out, logits = diffusion_generate(model, prompt_bits, n, generator=generator, return_logits=True)
+    out, log_q = diffusion_generate(model, prompt_bits, n, generator=generator, return_log_q=True)
     new = out[:, prompt_bits.size(1) :]
     for i in range(n):
-        yield GeneratedByte(new[:, 9 * i : 9 * i + 9], logits[:, 9 * i : 9 * i + 9])
+        yield GeneratedByte(new[:, 9 * i : 9 * i + 9], log_q=log_q[:, i])
 
 
 def _generators(seeds: list[int | None], device) -> list[torch.Generator | None]:

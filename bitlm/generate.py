@@ -18,10 +18,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .bits import bits_to_text, bytes_to_bits
+from .bits import BYTE_BITS, bits_to_text, bytes_to_bits
 from .byte_patch import _PLACE, _TREE_BITS, _TREE_NODES, node_logits
-
-_BYTE_BITS = torch.from_numpy(bytes_to_bits(bytes(range(256)))).long().view(256, 9)
 
 
 class GeneratedByte:
@@ -198,7 +196,7 @@ def _draw_byte(log_q: torch.Tensor, rule: _SamplingRule, generator) -> torch.Ten
     else:
         drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     byte = torch.where(rule.greedy, logp.argmax(-1), drawn) if rule.any_greedy else drawn
-    return _BYTE_BITS.to(byte.device)[byte]  # (B, 9), parity included
+    return BYTE_BITS.to(byte.device)[byte]  # (B, 9), parity included
 
 
 def path_logits(log_q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -243,7 +241,7 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
     keep = max(1, window // 2)
     rule = _SamplingRule(temperature, top_p, B, dev)
     greedy = rule.greedy
-    table, place = _BYTE_BITS.to(dev), _PLACE.to(dev)
+    table, place = BYTE_BITS.to(dev), _PLACE.to(dev)
     values = (seq.view(B, -1, 9)[..., :8] * place).sum(-1)  # (B, L) bytes so far
     text = [bytes(row) for row in values.to(torch.uint8).cpu().numpy()]
     L = values.size(1)

@@ -161,24 +161,8 @@ class BitTransformerLM(nn.Module):
         if not causal and cache is not None:
             raise ValueError("diffusion mode (causal=False) reads the whole window: it takes no KV cache")
         need_weights = self.config.full_attn_logging if return_attention is None else return_attention
-        # use_autocast turns CPU bf16 on; off, it leaves a caller's autocast (amp) alone: a
-        # nested autocast(enabled=False) would switch the caller's off.
-        on_cpu = self.config.use_autocast and bits.device.type == "cpu"
-        with torch.autocast("cpu", dtype=torch.bfloat16) if on_cpu else contextlib.nullcontext():
-            x, start = self.io.embed(bits, cache, causal)  # (B, P, C), first position's index
-            if start + x.size(1) > self.pos_emb.num_embeddings:
-                raise ValueError(
-                    f"sequence needs {start + x.size(1)} positions but max_seq_len allows "
-                    f"{self.pos_emb.num_embeddings}; use infer_long_sequence() or a larger "
-                    "max_seq_len"
-                )
-            pos = torch.arange(start, start + x.size(1), device=bits.device)
-            x = self.drop(x + self.pos_emb(pos))
-            if x.size(1):
-                h, acts, atts = self._run_blocks(x, cache, need_weights, causal, keep_acts=telemetry)
-                h = self.ln_f(h)
-            else:  # byte_patch: the new bits complete no patch, the local decoder alone answers
-                h, acts, atts = x, [], []
+        with self._autocast(bits):
+            h, acts, atts = self._global(bits, cache, need_weights, causal, telemetry)
             if not decode and cache is not None and hasattr(self.io, "advance"):
                 self.io.advance(h, cache)
                 logits = None
@@ -186,7 +170,7 @@ class BitTransformerLM(nn.Module):
                 logits = self.io.logits(h, bits, cache, causal).float()  # (B, T, 2)
         offset = 0
         if cache is not None:
-            cache.length += x.size(1)
+            cache.length += h.size(1)
             offset = cache.bits_seen
             cache.bits_seen += bits.size(1)
         if not telemetry or logits is None:
@@ -198,6 +182,38 @@ class BitTransformerLM(nn.Module):
             "activations": acts,
             "attention_maps": atts,
         }
+
+    @torch.no_grad()
+    def denoise(self, bits: torch.Tensor) -> torch.Tensor:
+        """Diffusion mode's belief about each clean byte of the noisy window ``bits`` (B, T),
+        log q (B, ceil(T / 9), 256): what diffusion sampling draws whole bytes from. For
+        ``arch="byte_patch"`` the local decoder's byte distribution (forward(causal=False)
+        returns its bit marginals); for ``"bit"`` the product of the bits' marginals."""
+        bits = _check_bits(bits)
+        with self._autocast(bits):
+            h = self._global(bits, None, False, False, False)[0]
+            return self.io.denoise_log_q(h, bits).float()
+
+    def _autocast(self, bits: torch.Tensor):
+        # use_autocast turns CPU bf16 on; off, it leaves a caller's autocast (amp) alone: a
+        # nested autocast(enabled=False) would switch the caller's off.
+        on_cpu = self.config.use_autocast and bits.device.type == "cpu"
+        return torch.autocast("cpu", dtype=torch.bfloat16) if on_cpu else contextlib.nullcontext()
+
+    def _global(self, bits: torch.Tensor, cache: KVCache | None, need_weights: bool, causal: bool, keep_acts: bool):
+        """The global stack's outputs (B, positions, C) for ``bits`` (the cache's new ones),
+        with the per-layer activations and attention maps."""
+        x, start = self.io.embed(bits, cache, causal)  # (B, P, C), first position's index
+        if start + x.size(1) > self.pos_emb.num_embeddings:
+            raise ValueError(
+                f"sequence needs {start + x.size(1)} positions but max_seq_len allows "
+                f"{self.pos_emb.num_embeddings}; use infer_long_sequence() or a larger max_seq_len"
+            )
+        x = self.drop(x + self.pos_emb(torch.arange(start, start + x.size(1), device=bits.device)))
+        if not x.size(1):  # byte_patch: the new bits complete no patch, the local decoder alone answers
+            return x, [], []
+        h, acts, atts = self._run_blocks(x, cache, need_weights, causal, keep_acts)
+        return self.ln_f(h), acts, atts
 
     def _run_blocks(
         self, x: torch.Tensor, cache: KVCache | None, need_weights: bool, causal: bool = True, keep_acts: bool = True

@@ -166,6 +166,8 @@ def _expand_width(model: BitTransformerLM, factor: int, noise: float, generator)
     for name, tensor in old.items():
         if name.endswith("_emb.weight") or name == "pos_emb.weight":  # embeddings write the stream
             state[name] = tensor[:, wd.resid]
+        elif name.endswith("mode_emb"):  # one vector added to the stream
+            state[name] = tensor[wd.resid]
         elif ".ln" in name or name.startswith("ln_f"):  # norms: per residual feature
             state[name] = tensor[wd.resid]
     qkv_out = torch.cat([wd.heads + i * d for i in range(3)])  # q, k, v blocks, each per head

@@ -174,12 +174,20 @@ def test_a_checkpoint_from_before_a_setting_existed_loads_as_it_was(tmp_path):
     import json
 
     model = BitTransformerLM(
-        d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=90, arch="byte_patch", ngram_sizes=[]
+        d_model=32,
+        nhead=4,
+        num_layers=1,
+        dim_feedforward=64,
+        max_seq_len=90,
+        arch="byte_patch",
+        ngram_sizes=[],
+        mode_embedding=False,
     )
     model.save_pretrained(tmp_path / "old")
     path = tmp_path / "old" / "config.json"
     meta = json.loads(path.read_text())
-    del meta["model"]["ngram_sizes"], meta["model"]["attn_dropout"]
+    del meta["model"]["ngram_sizes"], meta["model"]["attn_dropout"], meta["model"]["mode_embedding"]
     path.write_text(json.dumps(meta))
     loaded = BitTransformerLM.from_pretrained(tmp_path / "old")
     assert loaded.config.ngram_sizes == [] and not hasattr(loaded.io, "ngram_emb")
+    assert loaded.config.mode_embedding is False and loaded.io.mode_emb is None
