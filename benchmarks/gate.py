@@ -128,8 +128,12 @@ def gate_table(model, val: bytes, n: int, length: int) -> dict:
         print(f"  {kind}: {result[kind]}", flush=True)
     prompts = [p for p, _ in texts(val, n, length, np.random.default_rng(1))["held-out text"]]
     t0 = time.time()
-    rows = [judge(model, p, sample(model, p, length, 0.8, seed)) for seed, p in enumerate(prompts)]
-    result["model samples (T=0.8)"] = {**summarize(rows), "seconds": time.time() - t0}
+    drawn = [sample(model, p, length, 0.8, seed) for seed, p in enumerate(prompts)]
+    rows = [judge(model, p, s) for p, s in zip(prompts, drawn)]
+    blocked = [
+        (p + b" >>> " + s).decode("utf-8", "replace") for p, s, r in zip(prompts, drawn, rows) if not r["passed"]
+    ]
+    result["model samples (T=0.8)"] = {**summarize(rows), "seconds": time.time() - t0, "blocked_examples": blocked[:10]}
     print(f"  samples: {result['model samples (T=0.8)']}", flush=True)
     for kind, bands in BANDS.items():
         result[kind]["in_guide_band"] = {m: lo <= result[kind][f"{m}_median"] <= hi for m, (lo, hi) in bands.items()}

@@ -24,6 +24,7 @@ per byte (uint8) plus fp16 group scales: 4.25 bits per weight for group 64 inste
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 import torch.nn as nn
@@ -81,24 +82,44 @@ def _int_mm(q: torch.Tensor, w: torch.Tensor, cublas: bool | None = None) -> tor
 # kernels' call overhead is the larger cost.
 _FUSE_MIN_ROWS = 256
 _FUSED: dict[tuple[str, str], object] = {}
+_FUSED_LOCK = threading.Lock()  # one compilation per pass: a second caller waits for it
+
+
+def prepare_fused(device: torch.device | str = "cpu") -> None:
+    """Compile the fused int8 passes for ``device`` now (seconds, once per process) rather than
+    in the first input of 256 rows or more: a Serve replica starts it as it loads."""
+    for name in ("quantize", "dequantize"):
+        _fused(name, torch.device(device))
 
 
 def _fused(name: str, device: torch.device):
     """The compiled pass ``name`` for ``device``'s type, tried there once (a machine may
     compile for one device type and not the other); eager where compiling fails."""
     key = (name, device.type)
-    if key not in _FUSED:
-        fn = _quantize_rows if name == "quantize" else _dequantize
-        try:
-            _FUSED[key] = torch.compile(fn, dynamic=True)
-            if name == "quantize":
-                _FUSED[key](torch.ones(_FUSE_MIN_ROWS, 8, device=device))
-            else:
-                rows, cols = torch.ones(_FUSE_MIN_ROWS, 1, device=device), torch.ones(8, device=device)
-                _FUSED[key](torch.ones(_FUSE_MIN_ROWS, 8, dtype=torch.int32, device=device), rows, cols, cols)
-        except Exception:  # noqa: BLE001 - no compiler here: stay eager
-            _FUSED[key] = fn
-    return _FUSED[key]
+    if key in _FUSED:
+        return _FUSED[key]
+    with _FUSED_LOCK:
+        return _FUSED[key] if key in _FUSED else _compile(name, device)
+
+
+def _compile(name: str, device: torch.device):
+    fn = _quantize_rows if name == "quantize" else _dequantize
+    try:
+        compiled = torch.compile(fn, dynamic=True)
+        # Compiled here, not in the first request that needs it (seconds): as it is called
+        # (without gradients, on tensors that are no views) at two shapes, the second of which
+        # makes the sizes symbolic, so that later shapes reuse the kernels.
+        with torch.no_grad():
+            for n, k in ((_FUSE_MIN_ROWS, 8), (_FUSE_MIN_ROWS + 1, 24)):
+                if name == "quantize":
+                    compiled(torch.ones(n, k, device=device))
+                else:
+                    rows, scale, bias = (torch.ones(*s, device=device) for s in ((n, 1), (k,), (k,)))
+                    compiled(torch.ones(n, k, dtype=torch.int32, device=device), rows, scale, bias)
+    except Exception:  # noqa: BLE001 - no compiler here: stay eager
+        compiled = fn
+    _FUSED[(name, device.type)] = compiled  # published once ready: the unlocked read sees it whole
+    return compiled
 
 
 class Int8DynamicLinear(nn.Module):
@@ -118,8 +139,8 @@ class Int8DynamicLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        if x2.size(0) >= _FUSE_MIN_ROWS:
-            q, s = _fused("quantize", x2.device)(x2)
+        if x2.size(0) >= _FUSE_MIN_ROWS:  # (detached: the compiled pass is not guarded on a view's base)
+            q, s = _fused("quantize", x2.device)(x2.detach())
             y = _fused("dequantize", x2.device)(_int_mm(q, self.weight_int8), s, self.weight_scale, self.bias)
         else:
             q, s = _quantize_rows(x2)

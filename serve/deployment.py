@@ -9,6 +9,7 @@ settings are the deployment's ``user_config``: they change without a restart.
 
 import asyncio
 import os
+import threading
 from typing import Any
 
 import torch
@@ -59,6 +60,11 @@ class BitLMModel:
 
         torch.set_num_threads(threads)
         self.model = quantize(load_checkpoint(checkpoint, tracking_uri), quantization)
+        if quantization == "int8":  # its fused passes compile while the replica starts serving
+            from bitlm.quantization import prepare_fused
+
+            device = next(self.model.parameters(), torch.empty(0)).device
+            threading.Thread(target=prepare_fused, args=(device,), name="bitlm-int8-compile", daemon=True).start()
         self.quantization = quantization
         self.gate = GateSettings()
         self.batch_sizes: list[int] = []

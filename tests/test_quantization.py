@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from bitlm import BitTransformerLM, TrainConfig, Trainer, sample_text, text_to_bits
+from bitlm import BitTransformerLM, TrainConfig, Trainer, quantization, sample_text, text_to_bits
 from bitlm.quantization import (
     Int4Linear,
     Int8DynamicLinear,
     QATLinear,
     convert_qat_fx,
+    prepare_fused,
     prepare_qat_fx,
     quantize_dynamic,
     quantized_bytes,
@@ -116,3 +117,20 @@ def test_int8_model_on_the_cublas_path_gives_the_cpu_answer(monkeypatch, model):
     monkeypatch.setattr(quantization, "_int_mm", partial(quantization._int_mm, cublas=True))
     assert torch.equal(q(bits)[0], cpu) and torch.equal(q(bits[:1, :9])[0], one_row)
     assert (cpu.softmax(-1) - model(bits)[0].softmax(-1)).abs().max() < 0.02  # int8 still tracks fp32
+
+
+def test_fused_int8_passes_compile_once_and_serve_every_shape(model):
+    """prepare_fused compiles the passes that inputs of 256 rows or more take (a Serve replica
+    calls it as it starts); later inputs of other shapes, as inference makes them (no
+    gradients, (B, T, C) activations as rows), reuse them: no recompilation, no request waits."""
+    from torch._dynamo.utils import counters
+
+    prepare_fused("cpu")
+    assert quantization._FUSED[("quantize", "cpu")] is not quantization._quantize_rows  # compiled, not eager
+    q = quantize_dynamic(model)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        for shape in ((2, 144), (3, 90), (5, 63)):  # 288, 270 and 315 rows
+            bits = torch.randint(0, 2, shape)
+            assert torch.allclose(q(bits)[0], model(bits)[0], atol=0.2)
+    assert counters["stats"]["unique_graphs"] == graphs
