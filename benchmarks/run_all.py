@@ -29,6 +29,7 @@ BENCHMARKS = {
         "--corpus-mb 8 --one-file-mb 4 --one-file-chunk-bytes 262144 --steps 5 --eval-max-bytes 16384".split(),
     ),
     "quality": ("quality.py", [], ["--minutes", "0.5"]),
+    "gen_speed": ("gen_speed.py", [], ["--repeats", "3", "--new-bytes", "64"]),
     "scaling": ("scaling.py", [], ["--minutes", "1"]),
     "serve": ("serve_bench.py", [], ["--soak-seconds", "20"]),
     "fuzz": ("fuzz.py", [], ["--max-examples", "10"]),

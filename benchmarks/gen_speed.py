@@ -1,0 +1,93 @@
+"""Generation speed at batch 1: byte_patch's whole-byte decoding against the byte-level GPT's.
+
+    python benchmarks/gen_speed.py [--new-bytes 256] [--repeats 7] [--threads 1] [--out benchmarks/results/gen_speed.json]
+
+The demo's size (d128 L4, 4 heads, 512 feed-forward), untrained weights: plain decoding does the
+same work whatever the weights say (speculative decoding does not, so it is measured on trained
+models, in benchmarks/quality.py). Models: the byte GPT (benchmarks/byte_gpt.py), the same with
+byte_patch's n-gram input embeddings, and BitTransformerLM(arch="byte_patch") as configs/small.yaml
+builds it. Each generates ``--new-bytes`` bytes after a 64-byte prompt through its KV cache,
+sampled (temperature 1) and greedy; the runs of all models alternate, ``--repeats`` rounds, so
+a disturbance hits them alike; reported: the median and best bytes/s of each, and byte_patch's
+ratio to each GPT (of medians). Ratios within one run are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import torch  # noqa: E402
+from byte_gpt import ByteGPT  # noqa: E402
+
+from bitlm import BitTransformerLM, load_config  # noqa: E402
+from bitlm.bits import byte_tensor_to_bits  # noqa: E402
+from bitlm.generate import generate_bits  # noqa: E402
+
+PROMPT = 64
+
+
+def models(new_bytes: int) -> dict:
+    cfg = load_config(ROOT / "configs" / "small.yaml").model
+    cfg.max_seq_len = 9 * (PROMPT + new_bytes + 8)
+    size = dict(d_model=cfg.d_model, nhead=cfg.nhead, num_layers=cfg.num_layers, dim_feedforward=cfg.dim_feedforward)
+    max_bytes = PROMPT + new_bytes + 8
+    return {
+        "byte_gpt": ByteGPT(**size, max_bytes=max_bytes).eval(),
+        "byte_gpt_ngram": ByteGPT(**size, max_bytes=max_bytes, ngram_sizes=cfg.ngram_sizes).eval(),
+        "byte_patch": BitTransformerLM(config=cfg).eval(),
+    }
+
+
+def run(kind: str, model, prompt: torch.Tensor, n: int, temperature: float) -> float:
+    g = torch.Generator().manual_seed(0)
+    t = time.perf_counter()
+    if kind.startswith("byte_gpt"):
+        model.generate(prompt.long(), n, g, temperature)
+    else:
+        generate_bits(model, byte_tensor_to_bits(prompt), n, temperature, generator=g)
+    return n / (time.perf_counter() - t)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--new-bytes", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="benchmarks/results/gen_speed.json")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ms = models(args.new_bytes)
+    prompt = torch.randint(0, 256, (1, PROMPT), dtype=torch.uint8)
+    result: dict = {"setup": vars(args), "bytes_per_s": {}, "byte_patch_vs": {}}
+    with torch.no_grad():
+        for mode, temperature in (("sampled", 1.0), ("greedy", 0.0)):
+            for kind, m in ms.items():  # warm-up
+                run(kind, m, prompt, 8, temperature)
+            speeds: dict[str, list[float]] = {k: [] for k in ms}
+            for _ in range(args.repeats):
+                for kind, m in ms.items():
+                    speeds[kind].append(run(kind, m, prompt, args.new_bytes, temperature))
+            result["bytes_per_s"][mode] = {
+                k: {"median": statistics.median(v), "best": max(v), "runs": v} for k, v in speeds.items()
+            }
+            med = {k: statistics.median(v) for k, v in speeds.items()}
+            result["byte_patch_vs"][mode] = {k: med["byte_patch"] / med[k] for k in ms if k != "byte_patch"}
+            print(mode, {k: round(v) for k, v in med.items()}, result["byte_patch_vs"][mode], flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
