@@ -199,6 +199,8 @@ def main() -> None:
     ap.add_argument("--diffusion-prob", type=float, nargs="+", default=[0.1, 0.25], help="dual-mode mixes to compare")
     ap.add_argument("--out", default="benchmarks/results/gate.json")
     args = ap.parse_args()
+    if args.seeds < 1:
+        ap.error("--seeds must be >= 1")
     torch.set_num_threads(args.threads)
     result: dict = {"setup": vars(args), "gate": GateSettings().__dict__, "corpora": {}}
     models = {}

@@ -157,9 +157,10 @@ def main() -> None:
         load(f"{base}/fp32/v1/completions", "fp32", 1, 2)
         levels = []
         for c, n in ((1, 10), (4, 24), (16, 64)):
-            seen = len(json.loads(urllib.request.urlopen(f"{base}/health").read())["batch_sizes"])
+            seen = json.loads(urllib.request.urlopen(f"{base}/health").read())["batches"]
             levels.append(load(f"{base}/v1/completions", "bitlm", c, n))
-            sizes = json.loads(urllib.request.urlopen(f"{base}/health").read())["batch_sizes"][seen:]
+            health = json.loads(urllib.request.urlopen(f"{base}/health").read())
+            sizes = health["batch_sizes"][len(health["batch_sizes"]) - (health["batches"] - seen) :]
             levels[-1]["batch_sizes"] = sizes  # the batches the model deployment formed at this level
         fp32 = load(f"{base}/fp32/v1/completions", "fp32", 1, 10)
         batch_sizes = json.loads(urllib.request.urlopen(f"{base}/health").read())["batch_sizes"]

@@ -8,9 +8,10 @@ Forward (noising) process on bits, at noise level u in [0, 1] (bitlm.schedules.n
 Training (bitlm.objectives.BitObjective, the one place the loss is written) draws a diffusion
 time s ~ U(0, 1] per sequence, u = noise_level(s) * curriculum scale, corrupts the clean
 window, runs the model with ``causal=False`` (attention over the whole window) and takes the
-cross-entropy of ``logits[:, t]`` against the clean bit x[t] at every position. Sampling starts the continuation from coin flips and runs ``steps`` rounds of
-"predict the clean bits, re-noise to the next lower level", with the prompt clamped; parity
-bits are set by the codec at the end.
+cross-entropy of ``logits[:, t]`` against the clean bit x[t] at every position. Sampling starts
+the continuation from coin flips and runs ``steps`` rounds of "draw every clean byte from the
+model's belief about it (``model.denoise``), parity set; re-noise to the next lower level", with
+the prompt clamped.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def diffusion_generate(
         prompt = prompt.unsqueeze(0)
     if prompt.size(1) % 9:
         raise ValueError(f"prompt has {prompt.size(1)} bits, not whole bytes (a multiple of 9)")
+    if steps < 1:
+        raise ValueError(f"diffusion sampling needs at least one denoising step, got steps={steps}")
     B, n = prompt.size(0), 9 * max_new_bytes
     limit = model.io.max_bits // 9 * 9
     if n >= limit:

@@ -73,7 +73,7 @@ def _int_mm(q: torch.Tensor, w: torch.Tensor, cublas: bool | None = None) -> tor
         w = F.pad(w, (0, pad_n, 0, pad_k))
     if pad_k or M < _CUBLAS_MIN_ROWS:
         q = F.pad(q, (0, pad_k, 0, max(0, _CUBLAS_MIN_ROWS - M)))
-    return torch._int_mm(q, w)[:M, :N]
+    return torch._int_mm(q, w)[:M, :N].contiguous()
 
 
 # Large inputs (prefill, evaluation, batched serving) spend more time in the elementwise
@@ -109,7 +109,7 @@ def _compile(name: str, device: torch.device):
         # Compiled here, not in the first request that needs it (seconds): as it is called
         # (without gradients, on tensors that are no views) at two shapes, the second of which
         # makes the sizes symbolic, so that later shapes reuse the kernels.
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
             for n, k in ((_FUSE_MIN_ROWS, 8), (_FUSE_MIN_ROWS + 1, 24)):
                 if name == "quantize":
                     compiled(torch.ones(n, k, device=device))
@@ -139,9 +139,13 @@ class Int8DynamicLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
-        if x2.size(0) >= _FUSE_MIN_ROWS:  # (detached: the compiled pass is not guarded on a view's base)
-            q, s = _fused("quantize", x2.device)(x2.detach())
-            y = _fused("dequantize", x2.device)(_int_mm(q, self.weight_int8), s, self.weight_scale, self.bias)
+        if x2.size(0) >= _FUSE_MIN_ROWS:
+            # As the passes were compiled (prepare_fused): no autocast, inputs that are no views
+            # (detached); anything else would recompile them inside the call.
+            with torch.autocast(x2.device.type, enabled=False):
+                q, s = _fused("quantize", x2.device)(x2.detach())
+                y = _int_mm(q, self.weight_int8).detach()
+                y = _fused("dequantize", x2.device)(y, s, self.weight_scale, self.bias)
         else:
             q, s = _quantize_rows(x2)
             y = _dequantize(_int_mm(q, self.weight_int8), s, self.weight_scale, self.bias)

@@ -228,6 +228,13 @@ def grow_to(
     steps = []
     fields = {"depth": "num_layers", "width": "d_model", "context": "max_seq_len"}
     target = target.resolved()  # a model's config is resolved; so must the target be
+    fixed = fixed_differences(model.config, target)
+    if fixed:
+        raise ValueError(
+            "growing changes a model's size only; it differs in "
+            + ", ".join(f"model.{k} ({a!r} -> {b!r})" for k, (a, b) in fixed.items())
+            + ": set them as the model has them"
+        )
     while True:
         cur = model.config
         if asdict(cur) == asdict(target):
@@ -239,6 +246,14 @@ def grow_to(
                 break
         else:
             raise ValueError(f"cannot grow {asdict(cur)} into {asdict(target)} by doubling depth, width or context")
+
+
+def fixed_differences(current, target) -> dict[str, tuple]:
+    """The settings other than size (SIZE_FIELDS) in which two model configs differ, as
+    {name: (current, target)}: what no growth changes."""
+    sized = {name for names in SIZE_FIELDS.values() for name in names}
+    a, b = asdict(current.resolved()), asdict(target.resolved())
+    return {k: (a[k], b[k]) for k in a if k not in sized and a[k] != b[k]}
 
 
 # -- when to grow -------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ settings are the deployment's ``user_config``: they change without a restart.
 
 import asyncio
 import os
-import threading
 from typing import Any
 
 import torch
@@ -60,11 +59,12 @@ class BitLMModel:
 
         torch.set_num_threads(threads)
         self.model = quantize(load_checkpoint(checkpoint, tracking_uri), quantization)
-        if quantization == "int8":  # its fused passes compile while the replica starts serving
+        if quantization == "int8":  # its fused passes compile before the replica takes requests
             from bitlm.quantization import prepare_fused
 
-            device = next(self.model.parameters(), torch.empty(0)).device
-            threading.Thread(target=prepare_fused, args=(device,), name="bitlm-int8-compile", daemon=True).start()
+            # In the constructor, not a thread: a compilation saves and restores the global
+            # random state, which would rewind the draws of unseeded requests running beside it.
+            prepare_fused(next(self.model.parameters()).device)
         self.quantization = quantization
         self.gate = GateSettings()
         self.batch_sizes: list[int] = []
@@ -96,6 +96,7 @@ class BitLMModel:
             "quantization": self.quantization,
             "gate": self.gate.__dict__,
             "batch_sizes": self.batch_sizes[-200:],
+            "batches": len(self.batch_sizes),
         }
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)

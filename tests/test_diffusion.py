@@ -106,6 +106,11 @@ def test_the_mode_embedding_marks_denoising_windows_only(arch):
     assert BitTransformerLM(**TINY, arch=arch, mode_embedding=False).io.mode_emb is None
 
 
+def test_diffusion_sampling_needs_a_step():
+    with pytest.raises(ValueError, match="at least one denoising step"):
+        diffusion_generate(BitTransformerLM(**TINY), torch.tensor(text_to_bits("ab")), 4, steps=0)
+
+
 def test_diffusion_draws_whole_bytes_the_model_believes_in():
     """A denoiser sure the byte is 3, 5 or 6 (a third each): every byte drawn is one of them.
     Drawn bit by bit from the marginals (2/3 for each of the low three bits), 7 would be the
@@ -151,7 +156,7 @@ def test_one_model_learns_both_modes_and_samples_text_in_each(arch):
     checkpoint continues a prompt causally and by denoising, on both architectures."""
     torch.manual_seed(0)
     model = BitTransformerLM(**TINY, arch=arch, patch_bytes=2 if arch == "byte_patch" else 1)
-    h = train_loop(model, _windows(), epochs=25, batch_size=8, lr=3e-3, diffusion=True, diffusion_prob=0.5)
+    h = train_loop(model, _windows(), epochs=40, batch_size=8, lr=3e-3, diffusion=True, diffusion_prob=0.5)
     denoise = [r for r in h.steps if r["denoise"]]
     causal = [r for r in h.steps if not r["denoise"]]
     assert 0.3 < len(denoise) / len(h.steps) < 0.7 and model.trained_modes == {"causal", "denoise"}

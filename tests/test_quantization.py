@@ -133,4 +133,6 @@ def test_fused_int8_passes_compile_once_and_serve_every_shape(model):
         for shape in ((2, 144), (3, 90), (5, 63)):  # 288, 270 and 315 rows
             bits = torch.randint(0, 2, shape)
             assert torch.allclose(q(bits)[0], model(bits)[0], atol=0.2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as a use_autocast model calls them
+            q(torch.randint(0, 2, (4, 72)))
     assert counters["stats"]["unique_graphs"] == graphs

@@ -44,10 +44,7 @@ def test_training_continues_after_expansion_with_optimizer_state(strategy):
     opt = expand_optimizer(trainer.optimizer, model, grown)
     carried = sum(p in opt.state for p in grown.parameters())
     old = dict(model.named_parameters())
-    stepped = trainer.optimizer.state  # (a denoising-only parameter, mode_emb, never was)
-    unchanged = sum(
-        1 for n, p in grown.named_parameters() if n in old and old[n].shape == p.shape and old[n] in stepped
-    )
+    unchanged = sum(1 for n, p in grown.named_parameters() if n in old and old[n].shape == p.shape)
     assert carried == unchanged > 0  # unchanged parameters keep their Adam state, others start fresh
     if strategy == "width":
         assert unchanged == 1  # only the 2-way head's bias keeps its shape
@@ -198,3 +195,18 @@ def test_grow_to_reaches_a_target_that_leaves_settings_to_the_architecture(arch)
     assert grown.config == target.resolved()
     same, none = grow_to(model, loaded)
     assert none == [] and same is model
+
+
+def test_growing_refuses_a_change_that_is_not_a_size_by_name():
+    """grow_to changes depth, width and context; another setting that differs (a checkpoint
+    from before model.mode_embedding, resumed by a config that has it) is refused, named."""
+    from bitlm.scale import grow_to
+
+    model = BitTransformerLM(**TINY, mode_embedding=False)
+    target = BitTransformerLM(**{**TINY, "num_layers": 2 * TINY["num_layers"]}).config
+    with pytest.raises(ValueError, match=r"model\.mode_embedding \(False -> True\)"):
+        grow_to(model, target)
+    grown, steps = grow_to(
+        model, BitTransformerLM(**{**TINY, "num_layers": 2 * TINY["num_layers"]}, mode_embedding=False).config
+    )
+    assert steps == ["depth"] and grown.config.num_layers == 2 * TINY["num_layers"]
