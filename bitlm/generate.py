@@ -27,8 +27,9 @@ class GeneratedByte:
     (B, 9, 2), the parity row being the model's own belief about the parity bit.
 
     A byte drawn whole (by ``arch="byte_patch"``'s decoding, or by diffusion sampling of either
-    architecture) carries the distribution it was drawn from, ``log_q`` (B, 256); its per-bit logits are then computed only when asked for (the log-masses
-    of the two subtrees below each node of its path), and :meth:`surprisal` reads it directly."""
+    architecture) carries the distribution it was drawn from, ``log_q`` (B, 256); its per-bit
+    logits are then computed only when asked for (the log-masses of the two subtrees below each
+    node of its path), and :meth:`surprisal` reads it directly."""
 
     def __init__(self, bits: torch.Tensor, logits: torch.Tensor | None = None, log_q: torch.Tensor | None = None):
         self.bits, self._logits, self.log_q = bits, logits, log_q

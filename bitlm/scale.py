@@ -228,13 +228,7 @@ def grow_to(
     steps = []
     fields = {"depth": "num_layers", "width": "d_model", "context": "max_seq_len"}
     target = target.resolved()  # a model's config is resolved; so must the target be
-    fixed = fixed_differences(model.config, target)
-    if fixed:
-        raise ValueError(
-            "growing changes a model's size only; it differs in "
-            + ", ".join(f"model.{k} ({a!r} -> {b!r})" for k, (a, b) in fixed.items())
-            + ": set them as the model has them"
-        )
+    check_only_size_differs(model.config, target)
     while True:
         cur = model.config
         if asdict(cur) == asdict(target):
@@ -248,12 +242,17 @@ def grow_to(
             raise ValueError(f"cannot grow {asdict(cur)} into {asdict(target)} by doubling depth, width or context")
 
 
-def fixed_differences(current, target) -> dict[str, tuple]:
-    """The settings other than size (SIZE_FIELDS) in which two model configs differ, as
-    {name: (current, target)}: what no growth changes."""
+def check_only_size_differs(current, target) -> None:
+    """Refuse, naming them, the settings other than size (SIZE_FIELDS) in which two model
+    configs differ: no growth changes them (a checkpoint from before a setting existed loads
+    as it was, and a config that has the setting cannot grow it)."""
     sized = {name for names in SIZE_FIELDS.values() for name in names}
     a, b = asdict(current.resolved()), asdict(target.resolved())
-    return {k: (a[k], b[k]) for k in a if k not in sized and a[k] != b[k]}
+    fixed = [f"model.{k} ({a[k]!r} -> {b[k]!r})" for k in a if k not in sized and a[k] != b[k]]
+    if fixed:
+        raise ValueError(
+            f"growing changes a model's size only; it differs in {', '.join(fixed)}: set them as the model has them"
+        )
 
 
 # -- when to grow -------------------------------------------------------------------------------

@@ -31,10 +31,10 @@ import torch.distributed as dist
 
 from bitlm import BitTransformerLM, Trainer, evaluate
 from bitlm.bits import byte_tensor_to_bits
-from bitlm.config import ConfigError, ExperimentConfig, from_dict
+from bitlm.config import ExperimentConfig, from_dict
 from bitlm.distributed import gather_batch, parallelize
 from bitlm.optim import optimizer_param_names
-from bitlm.scale import fixed_differences, grow_to
+from bitlm.scale import check_only_size_differs, grow_to
 from pipelines import ray_checkpoint
 from pipelines.common import DataError, window_bytes
 from pipelines.tracking import MetricLog, system_metrics
@@ -106,13 +106,7 @@ class Worker:
     def _grow(self, old: BitTransformerLM) -> BitTransformerLM:
         """Rebuild the checkpointed model at the config's larger size, function-preserving
         (bitlm.scale.grow_to), and remember what changed for the logs."""
-        fixed = fixed_differences(old.config, self.cfg.model)
-        if fixed:  # e.g. a checkpoint from before a setting existed: it loads as it was
-            raise ConfigError(
-                "the checkpoint's model differs from this run's in "
-                + ", ".join(f"model.{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in fixed.items())
-                + ": set them as the checkpoint has them to resume it"
-            )
+        check_only_size_differs(old.config, self.cfg.model)  # before the strategy: the likelier cause
         if self.strategy != "ddp":
             raise ValueError(f"growing a model on restore needs run.strategy=ddp, not {self.strategy}")
         grown, strategies = grow_to(old, self.cfg.model, generator=torch.Generator().manual_seed(self.cfg.train.seed))

@@ -33,11 +33,15 @@ def load_checkpoint(checkpoint: str, tracking_uri: str | None = None):
 
 
 def quantize(model, mode: str):
-    from bitlm.quantization import convert_qat_fx, prepare_qat_fx, quantize_dynamic
+    from bitlm.quantization import convert_qat_fx, prepare_fused, prepare_qat_fx, quantize_dynamic
 
     if mode == "none":
         return model
     if mode == "int8":
+        # Its fused passes compile now, before the replica takes requests, and here rather than
+        # in a thread: a compilation saves and restores the global random state, which would
+        # rewind the draws of unseeded requests running beside it.
+        prepare_fused(next(model.parameters()).device)
         return quantize_dynamic(model)
     if mode == "4bit":
         return convert_qat_fx(prepare_qat_fx(model))
@@ -59,12 +63,6 @@ class BitLMModel:
 
         torch.set_num_threads(threads)
         self.model = quantize(load_checkpoint(checkpoint, tracking_uri), quantization)
-        if quantization == "int8":  # its fused passes compile before the replica takes requests
-            from bitlm.quantization import prepare_fused
-
-            # In the constructor, not a thread: a compilation saves and restores the global
-            # random state, which would rewind the draws of unseeded requests running beside it.
-            prepare_fused(next(self.model.parameters()).device)
         self.quantization = quantization
         self.gate = GateSettings()
         self.batch_sizes: list[int] = []
