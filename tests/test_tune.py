@@ -106,7 +106,7 @@ def test_scaling_scheduler_grows_a_trial_twice_preserving_bpb(tmp_path, data_dir
     out = sweep_mod.run_sweep(
         sweep,
         name="grow",
-        base_overrides=[*BASE, "train.max_steps=40", f"data.output_dir={data_dir}", "train.lr=0.005"],
+        base_overrides=[*BASE, "train.max_steps=60", f"data.output_dir={data_dir}", "train.lr=0.005"],
     )
     row = out["rows"][0]
     assert row["growths"] == ["depth", "width"] and row["status"] == "completed", row
