@@ -1,6 +1,6 @@
 """Generation speed at batch 1: byte_patch's whole-byte decoding against the byte-level GPT's.
 
-    python benchmarks/gen_speed.py [--new-bytes 256] [--repeats 7] [--threads 1] [--out benchmarks/results/gen_speed.json]
+    python benchmarks/gen_speed.py [--new-bytes 256] [--repeats 15] [--threads 1] [--out benchmarks/results/gen_speed.json]
 
 The demo's size (d128 L4, 4 heads, 512 feed-forward), untrained weights: plain decoding does the
 same work whatever the weights say (speculative decoding does not, so it is measured on trained
@@ -60,7 +60,7 @@ def run(kind: str, model, prompt: torch.Tensor, n: int, temperature: float) -> f
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-bytes", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results/gen_speed.json")
     args = ap.parse_args(argv)

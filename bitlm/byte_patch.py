@@ -142,6 +142,19 @@ class BytePatchIO(nn.Module):
             cache.state["tail"] = ctx[:, n_complete * self.patch_bits :]
         return x, start
 
+    def embed_bytes(self, values: torch.Tensor, cache):
+        """Decoding's short way in: global inputs (B, n, C) and the first one's position for
+        whole bytes ``values`` (B, n) fed through ``cache``, which must hold whole patches of one
+        byte (P = 1), as generation's does; what embed() gives for the bytes' bits, without
+        reading bits (generation drew the bytes, so there is nothing to check or unpack)."""
+        if self.P != 1 or (cache.state.get("tail") is not None and cache.state["tail"].size(1)):
+            raise ValueError("embed_bytes feeds whole patches of one byte (patch_bytes=1, at a byte boundary)")
+        x = self.byte_emb(values)
+        if self.ngram_sizes:
+            x = x + self._ngrams(values, cache)
+        cache.state["tail"] = None
+        return x, cache.length
+
     def _ngrams(self, values: torch.Tensor, cache) -> torch.Tensor:
         """The n-gram embeddings of bytes ``values`` (B, N), summed per patch (B, N / P, C); the
         history (bytes before them) is the cache's, else that of a window's start."""
@@ -151,6 +164,8 @@ class BytePatchIO(nn.Module):
         e, after = self.ngram_emb(values, hist)
         if cache is not None:
             cache.state["ngram_hist_before"], cache.state["ngram_hist"] = hist, after
+        if self.P == 1:
+            return e
         B, N = values.shape
         return e.view(B, N // self.P, self.P, -1).sum(2)
 
@@ -173,17 +188,17 @@ class BytePatchIO(nn.Module):
     def advance(self, h: torch.Tensor, cache) -> None:
         """What logits() keeps in the cache, without computing any logits; the new positions'
         outputs as ``h_all`` (speculative decoding reads the byte distribution after each)."""
-        cache.state.pop("ctx")
+        cache.state.pop("ctx", None)
         if h.size(1):
             cache.state["h"] = h[:, -1:]
         cache.state["h_all"] = h
 
-    def trim_state(self, cache, kept_bits: torch.Tensor) -> None:
-        """After the cache was cut back to end with ``kept_bits`` (whole patches): the n-gram
-        history as if only those had been fed."""
+    def trim_state(self, cache, kept: torch.Tensor) -> None:
+        """After the cache was cut back to end with bytes ``kept`` (B, n) of the last call (whole
+        patches): the n-gram history as if only those had been fed."""
         if self.ngram_sizes:
             before = cache.state.get("ngram_hist_before")
-            cache.state["ngram_hist"] = self.ngram_emb.history(_byte_values(kept_bits), before)
+            cache.state["ngram_hist"] = self.ngram_emb.history(kept, before)
 
     def _local_logits(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         """Logits for bits (B, L) that start at the patch whose context is h[:, 0]."""
@@ -321,6 +336,10 @@ _DEPTH = torch.arange(8)
 _TREE_NODES = (1 << _DEPTH) - 1 + (_VALUES[:, None] >> (8 - _DEPTH))  # (256, 8) node at each depth
 _TREE_BITS = ((_VALUES[:, None] >> (7 - _DEPTH)) & 1).bool()  # (256, 8) the bit taken there
 _ODD = _TREE_BITS.sum(-1) % 2 == 1  # bytes whose even-parity bit is 1
+# _TURNS[n, v]: +1 if byte v's path turns to bit 1 at node n, -1 if to bit 0, 0 if it misses n
+_TURNS = torch.zeros(255, 256, dtype=torch.float64)
+_TURNS[_TREE_NODES, _VALUES[:, None].expand(256, 8)] = torch.where(_TREE_BITS, 1.0, -1.0).double()
+_ZERO_TURNS = (~_TREE_BITS).sum(-1).double()  # (256,) the 0 bits of each byte
 _NODE_DEPTH = torch.tensor([d for d in range(8) for _ in range(1 << d)])  # heap order, 255 nodes
 _NODE_CHILD0 = (1 << (_NODE_DEPTH + 1)) - 2 + 2 * (torch.arange(255) - ((1 << _NODE_DEPTH) - 1))
 # _NODE_CHILD0[n]: where node n's child "0" sits among _subtree_log_masses' depth-1..8 nodes

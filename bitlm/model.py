@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache
 from .bit_arch import BitIO
+from .bits import BYTE_BITS
 from .byte_patch import BytePatchIO
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .config import ModelConfig
@@ -194,6 +195,33 @@ class BitTransformerLM(nn.Module):
             h = self._global(bits, None, False, False, False)[0]
             return self.io.denoise_log_q(h, bits).float()
 
+    @torch.no_grad()
+    def decode_bytes(self, values: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed whole bytes ``values`` (B, n) (ints 0..255) through ``cache`` and return the
+        distribution of the byte after each, log q (B, n, 256): generation's step for
+        ``arch="byte_patch"``, equal to feeding their bits to ``forward(..., decode=False)`` and
+        reading ``io.next_byte_log_probs(cache)`` after each. With one byte per patch the bytes
+        go in as values (``io.embed_bytes``), skipping the per-bit checks and unpacking that a
+        byte the caller drew does not need; with several, as bits, one byte at a time."""
+        if not hasattr(self.io, "embed_bytes"):
+            raise ValueError(
+                f"decode_bytes is arch='byte_patch''s decoding step; arch={self.config.arch!r} decodes bits"
+            )
+        if self.io.P != 1:
+            table, out = BYTE_BITS.to(values.device), []
+            for v in values.unbind(1):
+                self(table[v], cache, telemetry=False, decode=False)
+                out.append(self.io.next_byte_log_probs(cache))
+            return torch.stack(out, 1)
+        with self._autocast(values):
+            x, start = self.io.embed_bytes(values, cache)
+            h = self._blocks_from(x, start, cache, False, True, False)[0]
+            self.io.advance(h, cache)
+            log_q = self.io._byte_log_probs(h)
+        cache.length += h.size(1)
+        cache.bits_seen += 9 * values.size(1)
+        return log_q
+
     def _autocast(self, bits: torch.Tensor):
         # use_autocast turns CPU bf16 on; off, it leaves a caller's autocast (amp) alone: a
         # nested autocast(enabled=False) would switch the caller's off.
@@ -204,12 +232,16 @@ class BitTransformerLM(nn.Module):
         """The global stack's outputs (B, positions, C) for ``bits`` (the cache's new ones),
         with the per-layer activations and attention maps."""
         x, start = self.io.embed(bits, cache, causal)  # (B, P, C), first position's index
+        return self._blocks_from(x, start, cache, need_weights, causal, keep_acts)
+
+    def _blocks_from(self, x: torch.Tensor, start: int, cache, need_weights: bool, causal: bool, keep_acts: bool):
+        """The global stack on inputs ``x`` (B, positions, C) whose first position is ``start``."""
         if start + x.size(1) > self.pos_emb.num_embeddings:
             raise ValueError(
                 f"sequence needs {start + x.size(1)} positions but max_seq_len allows "
                 f"{self.pos_emb.num_embeddings}; use infer_long_sequence() or a larger max_seq_len"
             )
-        x = self.drop(x + self.pos_emb(torch.arange(start, start + x.size(1), device=bits.device)))
+        x = self.drop(x + self.pos_emb(torch.arange(start, start + x.size(1), device=x.device)))
         if not x.size(1):  # byte_patch: the new bits complete no patch, the local decoder alone answers
             return x, [], []
         h, acts, atts = self._run_blocks(x, cache, need_weights, causal, keep_acts)

@@ -130,6 +130,35 @@ def test_bytes_drawn_whole_are_the_bits_drawn_one_by_one(decoder, P):
             assert math.isclose(float(whole.sum()), 1.0, rel_tol=1e-5)
 
 
+def test_decode_bytes_is_feeding_the_bytes_bits(model):
+    """Generation's step (whole byte values in) gives the byte distribution after each byte
+    that feeding their bits gives, and leaves the cache where the bits leave it: later calls of
+    either kind agree too (n-gram history, patch tails and positions included)."""
+    from bitlm.bits import BYTE_BITS
+
+    prompt, later = _bits(7, batch=2, seed=3), torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast, slow = model.new_cache(), model.new_cache()
+        model(prompt, fast, telemetry=False, decode=False)
+        model(prompt, slow, telemetry=False, decode=False)
+        got = model.decode_bytes(later[:, :4], fast)  # (2, 4, 256)
+        want = []
+        for j in range(4):
+            model(BYTE_BITS[later[:, j]], slow, telemetry=False, decode=False)
+            want.append(model.io.next_byte_log_probs(slow))
+        assert got.shape == (2, 4, 256)
+        assert torch.allclose(got, torch.stack(want, 1), atol=1e-5)
+        assert (fast.length, fast.bits_seen) == (slow.length, slow.bits_seen)
+        tail = BYTE_BITS[later[:, 4:]].view(2, -1)
+        assert torch.allclose(model(tail, fast)[0], model(tail, slow)[0], atol=1e-5)
+
+
+def test_decode_bytes_is_byte_patchs_only():
+    model = BitTransformerLM(**{**CFG, "arch": "bit"}).eval()
+    with pytest.raises(ValueError, match="decodes bits"):
+        model.decode_bytes(torch.tensor([[65]]), model.new_cache())
+
+
 def test_bytes_drawn_whole_follow_the_decoders_byte_distribution():
     torch.manual_seed(2)
     model = BitTransformerLM(**{**CFG, "patch_bytes": 1}).eval()

@@ -62,3 +62,18 @@ def test_top_p_keeps_only_the_likely_bit():
 def test_empty_prompt_is_refused(model):
     with pytest.raises(ValueError, match="empty"):
         sample_text(model, "", 4)
+
+
+def test_greedy_byte_is_the_bit_by_bit_greedy_path_not_the_likeliest_byte():
+    from bitlm.byte_patch import node_logits
+    from bitlm.generate import byte_log_probs, greedy_byte
+
+    g = torch.Generator().manual_seed(0)
+    log_q = torch.log_softmax(3 * torch.randn(500, 256, generator=g), -1)
+    walked = byte_log_probs(node_logits(log_q), 0.0, 1.0).argmax(-1)  # the one byte of probability 1
+    assert torch.equal(greedy_byte(log_q), walked)
+    # 0x80 alone holds 0.4; the bytes below 0x80 share 0.6: bit 0 wins at the first node
+    q = torch.full((256,), 0.6 / 128)
+    q[128:] = 0.0
+    q[0x80] = 0.4
+    assert int(greedy_byte(q.log())) < 0x80 and int(q.argmax()) == 0x80
