@@ -337,9 +337,9 @@ _TREE_NODES = (1 << _DEPTH) - 1 + (_VALUES[:, None] >> (8 - _DEPTH))  # (256, 8)
 _TREE_BITS = ((_VALUES[:, None] >> (7 - _DEPTH)) & 1).bool()  # (256, 8) the bit taken there
 _ODD = _TREE_BITS.sum(-1) % 2 == 1  # bytes whose even-parity bit is 1
 # _TURNS[n, v]: +1 if byte v's path turns to bit 1 at node n, -1 if to bit 0, 0 if it misses n
-_TURNS = torch.zeros(255, 256, dtype=torch.float64)
-_TURNS[_TREE_NODES, _VALUES[:, None].expand(256, 8)] = torch.where(_TREE_BITS, 1.0, -1.0).double()
-_ZERO_TURNS = (~_TREE_BITS).sum(-1).double()  # (256,) the 0 bits of each byte
+_TURNS = torch.zeros(255, 256)
+_TURNS[_TREE_NODES, _VALUES[:, None].expand(256, 8)] = torch.where(_TREE_BITS, 1.0, -1.0)
+_ZERO_TURNS = (~_TREE_BITS).sum(-1).float()  # (256,) the 0 bits of each byte
 _NODE_DEPTH = torch.tensor([d for d in range(8) for _ in range(1 << d)])  # heap order, 255 nodes
 _NODE_CHILD0 = (1 << (_NODE_DEPTH + 1)) - 2 + 2 * (torch.arange(255) - ((1 << _NODE_DEPTH) - 1))
 # _NODE_CHILD0[n]: where node n's child "0" sits among _subtree_log_masses' depth-1..8 nodes
