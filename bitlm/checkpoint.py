@@ -17,7 +17,6 @@ fills during a write leaves the files that were there untouched and raises Check
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .digest import file_sha256
 
 FORMAT = "bitlm-checkpoint"
 VERSION = 1
@@ -38,15 +38,6 @@ CONFIG_FILE, WEIGHTS_FILE, STATE_FILE = "config.json", "model.safetensors", "tra
 
 class CheckpointError(ValueError):
     """A path that is not a loadable bitlm checkpoint."""
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read a MiB at a time (checkpoints and data shards alike)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> str:

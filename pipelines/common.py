@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bitlm.checkpoint import file_sha256
+from bitlm.digest import file_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:

@@ -52,8 +52,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from bitlm.checkpoint import file_sha256  # noqa: E402
 from bitlm.config import DataConfig, dump_config, load_config, to_dict  # noqa: E402
+from bitlm.digest import file_sha256  # noqa: E402
 from pipelines.common import FORMAT_VERSION, MANIFEST, DataError, init_ray  # noqa: E402
 from pipelines.sources import discover, read_documents  # noqa: E402
 

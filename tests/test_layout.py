@@ -67,7 +67,7 @@ def test_the_library_imports_in_one_direction():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
-    assert graph["checkpoint"] <= {"config"}  # checkpoints know no model class
+    assert graph["checkpoint"] <= {"config", "digest"}  # checkpoints know no model class
     assert {"model", "trainer", "loop"}.isdisjoint(graph["objectives"])
 
 
@@ -103,3 +103,28 @@ def test_each_idea_is_written_once():
 def test_no_source_file_does_two_jobs_by_length():
     long = {str(p.relative_to(ROOT)): n for p in SOURCES if (n := len(p.read_text().splitlines())) > 450}
     assert not long, long
+
+
+def test_the_package_loads_its_names_on_first_use():
+    """Every guide name resolves from ``bitlm``; a torch-free module (the data pipeline's) can
+    be imported without torch, and so can the whole data-preparation job, which every Ray Data
+    worker imports; an unknown name is an AttributeError."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import bitlm.config, bitlm.digest, pipelines.prepare_data\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "import bitlm\n"
+        "from bitlm import *\n"
+        "assert all(getattr(bitlm, n) is globals()[n] for n in bitlm.__all__)\n"
+        "assert 'torch' in sys.modules and 'BitTransformerLM' in dir(bitlm)\n"
+        "try:\n"
+        "    bitlm.no_such_name\n"
+        "except AttributeError as e:\n"
+        "    print(e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "has no attribute 'no_such_name'" in run.stdout
