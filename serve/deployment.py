@@ -48,6 +48,22 @@ def quantize(model, mode: str):
     raise ValueError(f"quantization must be none, int8 or 4bit, got {mode!r}")
 
 
+# Decoding steps a batch of whole (non-streamed) answers takes per trip off the event loop: each
+# trip is a thread hand-off and a yield through Serve's batcher, which cost as much as a step.
+STEPS_PER_CALL = 16
+
+
+def _advance(steps, n: int) -> list:
+    """Up to ``n`` more steps of a batch's decoding (fewer when it ends)."""
+    out = []
+    for _ in range(n):
+        events = next(steps, None)
+        if events is None:
+            break
+        out.append(events)
+    return out
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, health_check_period_s=10)
 class BitLMModel:
     def __init__(
@@ -100,7 +116,9 @@ class BitLMModel:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _stream_batch(self, requests: list[dict[str, Any]]):
         """One decoding loop for all the attempts of a batch: those with the same strategy and
-        prompt length share forward passes; the others run side by side, step by step."""
+        prompt length share forward passes; the others run side by side, step by step. Each
+        request receives lists of its byte events: one byte at a time when it streams, up to
+        STEPS_PER_CALL when it is answered whole."""
         self.batch_sizes.append(len(requests))
         groups: dict[tuple[str, int, int, bool], list[int]] = {}
         for i, r in enumerate(requests):  # a denoising attempt runs alone: its seed is its own
@@ -123,20 +141,22 @@ class BitLMModel:
         while not all(finished):
             out: list[Any] = [StopIteration] * len(requests)
             for key, idx in groups.items():
-                events = await asyncio.to_thread(next, iterators[key], None)  # compute off the event loop
+                if all(finished[i] for i in idx):
+                    continue
+                n = STEPS_PER_CALL if key[3] else 1  # a stream gets each byte as it is made
+                steps = await asyncio.to_thread(_advance, iterators[key], n)  # compute off the event loop
                 for j, i in enumerate(idx):
-                    event = events[j] if events is not None else None
-                    if event is None:
-                        finished[i] = True
-                    else:
-                        out[i] = event.as_dict()
-            if not all(finished) or any(o is not StopIteration for o in out):
+                    events = [e[j].as_dict() for e in steps if e[j] is not None]
+                    finished[i] = len(steps) < n or steps[-1][j] is None
+                    if events:
+                        out[i] = events
+            if any(o is not StopIteration for o in out):
                 yield out
 
     async def _attempt(self, request: dict[str, Any], plan) -> list[dict[str, Any]]:
         strategy = "diffusion" if plan.strategy == "diffusion" else "sample"
         attempt = {**request, "temperature": plan.temperature, "seed": plan.seed, "strategy": strategy}
-        return [e async for e in self._stream_batch({**attempt, "whole": True})]
+        return [e async for events in self._stream_batch({**attempt, "whole": True}) for e in events]
 
     def _finish(self, attempts: Attempts, n_bytes: int) -> dict[str, Any]:
         done = attempts.completion()
@@ -153,9 +173,10 @@ class BitLMModel:
         plan = next(iter(attempts))
         strategy = {"temperature": plan.temperature, "seed": plan.seed, "strategy": "sample", "whole": False}
         events = []
-        async for event in self._stream_batch({**request, **strategy}):
-            events.append(event)
-            yield {"type": "byte", **event}
+        async for chunk in self._stream_batch({**request, **strategy}):
+            for event in chunk:
+                events.append(event)
+                yield {"type": "byte", **event}
         attempts.record(plan, [ByteEvent(**e) for e in events])
         yield {"type": "done", **self._finish(attempts, len(events))}
 
