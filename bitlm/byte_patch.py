@@ -149,6 +149,10 @@ class BytePatchIO(nn.Module):
         reading bits (generation drew the bytes, so there is nothing to check or unpack)."""
         if self.P != 1 or (cache.state.get("tail") is not None and cache.state["tail"].size(1)):
             raise ValueError("embed_bytes feeds whole patches of one byte (patch_bytes=1, at a byte boundary)")
+        if cache.length == 0:
+            raise ValueError(
+                "embed_bytes continues a sequence: feed its first bytes through forward (the start vector)"
+            )
         x = self.byte_emb(values)
         if self.ngram_sizes:
             x = x + self._ngrams(values, cache)

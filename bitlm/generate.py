@@ -159,7 +159,7 @@ def _whole_bytes(model, seq, max_new_bytes, rule, generator, window, keep) -> It
     model(seq[:, start:], cache, telemetry=False, decode=False)
     log_q = model.io.next_byte_log_probs(cache)  # (B, 256)
     length = seq.size(1)
-    for _ in range(max_new_bytes):
+    for step in range(max_new_bytes):
         if length - start + 9 > window:  # context full: keep its recent half
             seq, made = torch.cat([seq, *made], 1), []
             start = length - keep
@@ -171,7 +171,8 @@ def _whole_bytes(model, seq, max_new_bytes, rule, generator, window, keep) -> It
         made.append(bits)
         length += 9
         yield GeneratedByte(bits, log_q=log_q)
-        log_q = model.decode_bytes(byte[:, None], cache)[:, 0]
+        if step + 1 < max_new_bytes:  # the last byte is never fed
+            log_q = model.decode_bytes(byte[:, None], cache)[:, 0]
 
 
 PARITY_LOGIT = 1e4
@@ -318,7 +319,10 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
                 q = p[:, kept].clone()
                 if kept < n:
                     accepted = ok[:, kept]
-                    q = torch.where(accepted[:, None], q, q.scatter(1, d_vals[:, kept : kept + 1], 0.0))
+                    # a greedy row takes its greedy byte below: its q need only be a distribution (its
+                    # draft rejected by greedy_byte may be all that p, from log-masses, allows at a tie)
+                    keep_q = accepted | greedy
+                    q = torch.where(keep_q[:, None], q, q.scatter(1, d_vals[:, kept : kept + 1], 0.0))
                 q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
                 if isinstance(generator, list):
                     drawn = torch.stack(

@@ -197,12 +197,13 @@ class BitTransformerLM(nn.Module):
 
     @torch.no_grad()
     def decode_bytes(self, values: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Feed whole bytes ``values`` (B, n) (ints 0..255) through ``cache`` and return the
-        distribution of the byte after each, log q (B, n, 256): generation's step for
-        ``arch="byte_patch"``, equal to feeding their bits to ``forward(..., decode=False)`` and
-        reading ``io.next_byte_log_probs(cache)`` after each. With one byte per patch the bytes
-        go in as values (``io.embed_bytes``), skipping the per-bit checks and unpacking that a
-        byte the caller drew does not need; with several, as bits, one byte at a time."""
+        """Feed whole bytes ``values`` (B, n) (ints 0..255) after the sequence ``cache`` holds
+        (its first bytes go through forward) and return the distribution of the byte after
+        each, log q (B, n, 256): generation's step for ``arch="byte_patch"``, equal to feeding
+        their bits to ``forward(..., decode=False)`` and reading ``io.next_byte_log_probs(cache)``
+        after each. With one byte per patch the bytes go in as values (``io.embed_bytes``),
+        skipping the per-bit checks and unpacking that a byte the caller drew does not need;
+        with several, as bits, one byte at a time."""
         if not hasattr(self.io, "embed_bytes"):
             raise ValueError(
                 f"decode_bytes is arch='byte_patch''s decoding step; arch={self.config.arch!r} decodes bits"
@@ -216,8 +217,8 @@ class BitTransformerLM(nn.Module):
         with self._autocast(values):
             x, start = self.io.embed_bytes(values, cache)
             h = self._blocks_from(x, start, cache, False, True, False)[0]
-            self.io.advance(h, cache)
-            log_q = self.io._byte_log_probs(h)
+        self.io.advance(h, cache)
+        log_q = self.io._byte_log_probs(h)  # as next_byte_log_probs reads it: outside autocast
         cache.length += h.size(1)
         cache.bits_seen += 9 * values.size(1)
         return log_q

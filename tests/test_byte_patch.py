@@ -153,9 +153,12 @@ def test_decode_bytes_is_feeding_the_bytes_bits(model):
         assert torch.allclose(model(tail, fast)[0], model(tail, slow)[0], atol=1e-5)
 
 
-def test_decode_bytes_is_byte_patchs_only():
+def test_decode_bytes_is_byte_patchs_only_and_continues_a_sequence():
     model = BitTransformerLM(**{**CFG, "arch": "bit"}).eval()
     with pytest.raises(ValueError, match="decodes bits"):
+        model.decode_bytes(torch.tensor([[65]]), model.new_cache())
+    model = BitTransformerLM(**{**CFG, "patch_bytes": 1}).eval()  # a sequence starts with the start vector
+    with pytest.raises(ValueError, match="start vector"):
         model.decode_bytes(torch.tensor([[65]]), model.new_cache())
 
 

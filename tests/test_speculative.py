@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bitlm import BitTransformerLM, TrainConfig, Trainer, bytes_to_bits, generate_bits
+from bitlm import BitTransformerLM, TrainConfig, Trainer, bits_to_bytes, bytes_to_bits, generate_bits
 from bitlm.byte_patch import node_logits
 from bitlm.generate import _lookup_draft, byte_log_probs, iter_generate
 
@@ -123,3 +123,26 @@ def test_speculative_samples_follow_the_models_distribution(peaked, temperature,
     second = torch.bincount(torch.tensor([b for a, b in pairs if a == mode]), minlength=256).double()
     after = torch.cat([prompt, torch.from_numpy(bytes_to_bits(bytes([mode]))).long()[None]], 1)
     assert _chi2_ok(second, _exact(peaked, after, temperature, top_p))
+
+
+def test_a_greedy_row_beside_a_sampled_one_survives_a_near_tie():
+    """greedy_byte (probability sums) and the tempered distribution (log-masses) may break a
+    near tie differently: a greedy row whose draft greedy_byte rejects, while p allows only that
+    draft, must still get its greedy byte, not an empty distribution to draw from."""
+    from bitlm.generate import greedy_byte
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.log_softmax(2 * torch.randn(2000, 256, generator=g), -1).exp()
+    eps = (torch.rand(2000, 1, generator=g) - 0.5) * 1e-6  # the first bit's two subtrees nearly tied
+    halves = q[:, :128] / q[:, :128].sum(-1, keepdim=True), q[:, 128:] / q[:, 128:].sum(-1, keepdim=True)
+    log_q = torch.cat([halves[0] * (0.5 - eps), halves[1] * (0.5 + eps)], -1).log()
+    ours, walked = greedy_byte(log_q), byte_log_probs(node_logits(log_q), 0.0, 1.0).argmax(-1)
+    i = int((ours != walked).nonzero()[0])
+    torch.manual_seed(0)
+    model = BitTransformerLM(**CFG, arch="byte_patch", patch_bytes=1).eval()
+    real = model.decode_bytes
+    model.decode_bytes = lambda v, c: real(v, c) * 0 + log_q[i]  # every next byte: that near tie
+    other = ord("x") if int(walked[i]) != ord("x") else ord("y")
+    prompt = torch.from_numpy(bytes_to_bits(bytes([other, int(walked[i]), other]))).long()[None].repeat(2, 1)
+    out = generate_bits(model, prompt, 2, temperature=torch.tensor([0.0, 1.0]), draft=2)
+    assert bits_to_bytes(out[0, 27:36])[0] == int(ours[i])  # the greedy row's greedy byte
