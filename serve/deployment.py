@@ -117,8 +117,8 @@ class BitLMModel:
     async def _stream_batch(self, requests: list[dict[str, Any]]):
         """One decoding loop for all the attempts of a batch: those with the same strategy and
         prompt length share forward passes; the others run side by side, step by step. Each
-        request receives lists of its byte events: one byte at a time when it streams, up to
-        STEPS_PER_CALL when it is answered whole."""
+        request receives lists of its byte events: one byte at a time when any request of the
+        batch streams, else up to STEPS_PER_CALL."""
         self.batch_sizes.append(len(requests))
         groups: dict[tuple[str, int, int, bool], list[int]] = {}
         for i, r in enumerate(requests):  # a denoising attempt runs alone: its seed is its own
@@ -138,12 +138,14 @@ class BitLMModel:
             for key, idx in groups.items()
         }
         finished = [False] * len(requests)
+        # several steps a trip only when no request of the batch streams: a stream waits for
+        # every group's trip before its next byte
+        n = STEPS_PER_CALL if all(key[3] for key in groups) else 1
         while not all(finished):
             out: list[Any] = [StopIteration] * len(requests)
             for key, idx in groups.items():
                 if all(finished[i] for i in idx):
                     continue
-                n = STEPS_PER_CALL if key[3] else 1  # a stream gets each byte as it is made
                 steps = await asyncio.to_thread(_advance, iterators[key], n)  # compute off the event loop
                 for j, i in enumerate(idx):
                     events = [e[j].as_dict() for e in steps if e[j] is not None]
