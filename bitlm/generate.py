@@ -76,10 +76,7 @@ def sample_bit(
     if bool((temperature <= 0).all()):
         return greedy
     probs = torch.softmax(logits.float() / temperature.clamp_min(1e-6)[:, None], dim=-1)
-    if isinstance(generator, list):
-        drawn = torch.stack([torch.multinomial(probs[i], 1, generator=g).squeeze(-1) for i, g in enumerate(generator)])
-    else:
-        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    drawn = _row_draw(probs, generator)
     keep_greedy = (temperature <= 0) | (probs.max(-1).values >= top_p)
     return torch.where(keep_greedy, greedy, drawn)
 
@@ -229,10 +226,7 @@ def _draw_byte(log_q: torch.Tensor, rule: _SamplingRule, generator) -> torch.Ten
     if rule.all_greedy:
         return greedy_byte(log_q)
     probs = rule.log_probs(log_q).float().exp()
-    if isinstance(generator, list):
-        drawn = torch.stack([torch.multinomial(probs[i], 1, generator=g).squeeze(-1) for i, g in enumerate(generator)])
-    else:
-        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    drawn = _row_draw(probs, generator)
     return torch.where(rule.greedy, greedy_byte(log_q), drawn) if rule.any_greedy else drawn
 
 
@@ -255,6 +249,13 @@ def _lookup_draft(history: bytes, k: int, n_max: int = 4) -> bytes:
         if at >= 0:
             return history[at + n : at + n + k]
     return b""
+
+
+def _row_draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """One index (B,) per row of ``probs`` (B, K), each row's from its own generator when there is a list."""
+    if isinstance(generator, list):
+        return torch.stack([torch.multinomial(probs[i], 1, generator=g).squeeze(-1) for i, g in enumerate(generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _row_rand(B: int, n: int, generator, device) -> torch.Tensor:
@@ -324,12 +325,7 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
                     keep_q = accepted | greedy
                     q = torch.where(keep_q[:, None], q, q.scatter(1, d_vals[:, kept : kept + 1], 0.0))
                 q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
-                if isinstance(generator, list):
-                    drawn = torch.stack(
-                        [torch.multinomial(q[r], 1, generator=g).squeeze(-1) for r, g in enumerate(generator)]
-                    )
-                else:
-                    drawn = torch.multinomial(q, 1, generator=generator).squeeze(-1)
+                drawn = _row_draw(q, generator)
                 nxt = torch.where(greedy, best[:, kept], drawn) if rule.any_greedy else drawn
                 if kept < n:
                     nxt = torch.where(accepted & ~greedy, d_vals[:, kept], nxt)
