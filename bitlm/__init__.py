@@ -42,6 +42,7 @@ _EXPORTS = {
     "scale": ("expand_model", "expand_optimizer"),
     "telemetry": (
         "detect_metric_drift",
+        "lz_code_rate",
         "lz_complexity",
         "lz_complexity_logits",
         "negentropy",

@@ -5,14 +5,17 @@ They judge a sequence of bytes x (its data bits; parity is a function of them an
 together with the model's predictions of its bits where a model is involved:
 
 K, negentropy -- departure from randomness: one minus the bits per data bit of the shorter of
-two codes for x, the model's predictions and x's own Lempel-Ziv parse (C below)::
+two codes for x, the model's predictions and x's own Lempel-Ziv parse::
 
-    K = 1 - min(1, mean_t -log2 p_t(x_t), C)        over the data bits t of x
+    K = 1 - min(1, mean_t -log2 p_t(x_t), L),    L = c_LZ76(x) / E[c_LZ76(|x| random bits)]
 
-  p_t the model's predicted distribution of bit t (teacher-forced over a given text; for a
-  generated text, the distributions its bits were drawn from). Noise costs a bit per bit either
-  way: K ~ 0. Repetition costs its parse almost nothing, whatever the model knows: K -> 1. Text
-  the model knows sits between (1 - its bits per byte / 8, ~0.65 for the demo's model).
+  over the data bits t of x. p_t the model's predicted distribution of bit t (teacher-forced
+  over a given text; for a generated text, the distributions its bits were drawn from). L is
+  one parse of all of x (``lz_code_rate``), not C's blocks below: a repetition's code gets
+  shorter the longer it runs, and K should say so. Noise costs a bit per bit either way: K ~ 0.
+  Repetition costs its parse almost nothing, whatever the model knows: K -> 1 (a short phrase
+  looped over 240 bytes ~0.92). Text the model knows sits between (1 - its bits per byte / 8,
+  ~0.75 for the demo's model).
 
 C, Lempel-Ziv complexity -- how much new structure x keeps producing::
 
@@ -170,6 +173,15 @@ def lz_complexity(bits: Any) -> float:
     return min(1.0, sum(lz76_count(b) for b in blocks) / sum(lz76_random(b.size) for b in blocks))
 
 
+def lz_code_rate(bits: Any) -> float:
+    """K's Lempel-Ziv term L of a concrete bit sequence: the LZ76 phrase count of one parse of
+    all of it over a random sequence's of its length, clipped to 1."""
+    arr = _as_numpy_bits(bits).reshape(-1)
+    if arr.size < 2:
+        raise ValueError("an LZ code rate needs at least 2 bits")
+    return min(1.0, lz76_count(arr) / lz76_random(arr.size))
+
+
 def _patterns(order: int, device: torch.device) -> torch.Tensor:
     k1 = order + 1
     idx = torch.arange(2**k1, device=device)
@@ -280,6 +292,7 @@ def logit_telemetry(
     # LZ76 parses on the host: only the rows it measures leave the device.
     data = data_bits_of(bits[torch.as_tensor(rows, device=bits.device)], offset).cpu().numpy().astype(np.uint8)
     c = torch.tensor([lz_complexity(row) if data.shape[1] >= 2 else 1.0 for row in data], device=logits.device)
+    lz_rate = torch.tensor([lz_code_rate(row) if data.shape[1] >= 2 else 1.0 for row in data]).mean().item()
     c = c.mean()
     with torch.set_grad_enabled(torch.is_grad_enabled() and grad[0]):
         if causal and T > 1:
@@ -289,7 +302,7 @@ def logit_telemetry(
         else:
             k = negentropy_logits(data_predictions(logits, offset, causal))
         k = k.mean()
-        k = torch.maximum(k.detach(), 1 - c) + (k - k.detach())  # the shorter code; the model's gradient
+        k = k.detach().clamp_min(1 - lz_rate) + (k - k.detach())  # the shorter code; the model's gradient
     if torch.is_grad_enabled() and grad[1]:
         surrogate = lz_complexity_logits(data_predictions(logits, offset, causal)).mean()
         c = c + surrogate - surrogate.detach()
@@ -322,7 +335,8 @@ class RunningTelemetry:
         self.n = 0  # bytes per sequence
         self.surprisal = torch.zeros(batch_size, dtype=torch.float64)  # model, data bits
         self.ref_surprisal = torch.zeros(batch_size, dtype=torch.float64)  # reference, bytes
-        self.lz = [LZ76() for _ in range(batch_size)]  # the current block's parse
+        self.lz = [LZ76() for _ in range(batch_size)]  # the current block's parse (C)
+        self.lz_all = [LZ76() for _ in range(batch_size)]  # one parse of everything (K's L)
         self.lz_done = [0.0] * batch_size  # phrases of the finished blocks
         self.lz_random_done = 0.0  # a random sequence's, for the same blocks
 
@@ -340,16 +354,19 @@ class RunningTelemetry:
         self.n += 1
         k_model = 1.0 - (self.surprisal / (8 * self.n)).clamp(0.0, 1.0)
         s = symbiosis(self.ref_surprisal / self.n - self.h_ref)
-        c = []
+        c, lz_rate = [], []
         in_block = 8 * self.n - LZ_BLOCK_BITS * (8 * (self.n - 1) // LZ_BLOCK_BITS)
+        random_all = lz76_random(8 * self.n)
         for b, row in enumerate(bits[:, :8].numpy().astype(np.uint8)):
             self.lz[b].extend(row)
+            self.lz_all[b].extend(row)
             c.append(min(1.0, (self.lz_done[b] + self.lz[b].count) / (self.lz_random_done + lz76_random(in_block))))
+            lz_rate.append(min(1.0, self.lz_all[b].count / random_all))
         if in_block == LZ_BLOCK_BITS:  # the block is full: the next byte starts a new one
             self.lz_done = [d + lz.count for d, lz in zip(self.lz_done, self.lz)]
             self.lz_random_done += lz76_random(LZ_BLOCK_BITS)
             self.lz = [LZ76() for _ in self.lz]
-        k = [max(float(km), 1.0 - cc) for km, cc in zip(k_model, c)]  # the shorter code
+        k = [max(float(km), 1.0 - rate) for km, rate in zip(k_model, lz_rate)]  # the shorter code
         return k, c, s.tolist()
 
 

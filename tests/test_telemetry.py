@@ -13,6 +13,7 @@ from bitlm import (
     builtin_split,
     bytes_to_bits,
     detect_metric_drift,
+    lz_code_rate,
     lz_complexity,
     lz_complexity_logits,
     negentropy,
@@ -141,6 +142,23 @@ def test_c_orders_the_kinds():
     assert c["phrase looped"] < 0.2 and c["one byte repeated"] < 0.1
 
 
+def test_k_reads_one_parse_of_the_whole_text_so_a_longer_loop_is_more_repetitive():
+    """C parses 128-byte blocks and stays put as a loop runs on; K's LZ term is one parse of all
+    of it, which a repetition's every further period costs almost nothing."""
+    model = BitTransformerLM(**{**TINY, "max_seq_len": 9 * 256}).eval()  # untrained: its own code is ~1 bit per bit
+    loops = {n: (b"lambda x: " * 30)[:n] for n in (64, 128, 240)}
+    data = {n: _bits(t).view(-1, 9)[:, :8].reshape(-1) for n, t in loops.items()}
+    rates = [lz_code_rate(data[n]) for n in (64, 128, 240)]
+    assert rates[0] > rates[1] > rates[2] and rates[2] < 0.6 * lz_complexity(data[240])
+    with torch.no_grad():
+        k = {n: model(_bits(t))[1]["negentropy_logits"].item() for n, t in loops.items()}
+    assert k[64] < k[128] < k[240] and k[240] > 0.9 and k[240] == pytest.approx(1 - rates[2], abs=1e-6)
+    text = VAL[3000:3240]
+    with torch.no_grad():
+        k_text = model(_bits(text))[1]["negentropy_logits"].item()
+    assert k_text < 0.5  # text an untrained model knows nothing of: only its LZ parse codes it, poorly
+
+
 def test_k_orders_noise_text_repetition_for_a_trained_model():
     torch.manual_seed(0)
     model = BitTransformerLM(**{**TINY, "max_seq_len": 9 * 64})
@@ -160,18 +178,20 @@ def test_k_orders_noise_text_repetition_for_a_trained_model():
 
 
 def test_forward_and_running_telemetry_agree_on_a_text():
-    model = BitTransformerLM(**{**TINY, "max_seq_len": 9 * 64}).eval()
-    bits = _bits(VAL[5000:5064])
+    model = BitTransformerLM(**{**TINY, "max_seq_len": 9 * 200}).eval()
+    bits = _bits(VAL[5000:5200])  # past one LZ block: C's blocks and K's one parse differ
     with torch.no_grad():
         logits, tel = model(bits)
     running = RunningTelemetry(1, model.reference, prev=byte_values(bits[:, :9])[:, 0])
     # feed bytes 1.. with the logits that predicted them (logits[t] predicts bit t + 1)
     shifted = torch.cat([logits[:, :-1], logits[:, -1:]], 1)
-    for i in range(1, 64):
+    for i in range(1, 200):
         k, c, s = running.update(bits[:, 9 * i : 9 * i + 9], shifted[:, 9 * i - 1 : 9 * i + 8])
     direct = logit_telemetry(logits, bits)
     assert s[0] == pytest.approx(direct["symbiosis_score"].item(), rel=1e-4)
-    assert c[0] == pytest.approx(lz_complexity(bits.view(-1, 9)[1:, :8].reshape(-1)), rel=1e-6)
+    generated = bits.view(-1, 9)[1:, :8].reshape(-1)
+    assert c[0] == pytest.approx(lz_complexity(generated), rel=1e-6)
+    assert k[0] == pytest.approx(1 - lz_code_rate(generated), rel=1e-6)  # an untrained model's code is the longer
 
 
 def test_detect_metric_drift_guide_example():
