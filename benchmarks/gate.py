@@ -1,11 +1,12 @@
 """The safety gate at the user guide's defaults (c_floor 0.3, s_floor 0.5) on real and degenerate
 text, the K/C/S medians per kind, and one model trained in both modes.
 
-    python benchmarks/gate.py [--seconds 150] [--n 100] [--out benchmarks/results/gate.json]
+    python benchmarks/gate.py [--seconds 170] [--n 100] [--out benchmarks/results/gate.json]
 
 For each corpus (benchmarks/corpora.py: the built-in pydoc topics, and Vim's help files from
-another domain) the demo's config (configs/small.yaml) is trained for ``--seconds`` with
-``train_loop`` on its training bytes; the gate then judges, per kind, ``--n`` texts of
+another domain) the demo's model is trained as the demo trains it (configs/small.yaml: its
+windows, stride and ``train.max_seconds`` unless ``--seconds`` says otherwise), with ``train_loop``
+on the corpus's training bytes; the gate then judges, per kind, ``--n`` texts of
 ``--bytes`` bytes after a 32-byte prompt of held-out text, exactly as it judges a generation
 (bitlm.gated.gate_text: the model reads the text, every byte gets the running K/C/S, the
 gate decides; as a whole answer, and as a stream byte by byte): held-out text; the model's own samples at
@@ -56,17 +57,17 @@ BANDS = {
 
 
 def train(
-    train_bytes: bytes, val_bytes: bytes, seconds: float, seed: int = 0, **overrides
+    train_bytes: bytes, val_bytes: bytes, seconds: float | None, seed: int = 0, **overrides
 ) -> tuple[BitTransformerLM, dict]:
     cfg = load_config(ROOT / "configs" / "small.yaml")
     t = cfg.train
     torch.manual_seed(seed)
     model = BitTransformerLM(config=cfg.model)
     W = cfg.data.window_bytes
-    windows = torch.from_numpy(byte_windows(train_bytes, W)).long()
+    windows = torch.from_numpy(byte_windows(train_bytes, W, cfg.data.stride_bytes))
     val = torch.from_numpy(byte_windows(val_bytes, W)).long()
     settings = dict(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, lr_schedule=t.lr_schedule)
-    settings.update(weight_decay=t.weight_decay, max_seconds=seconds, eval_every=0, seed=seed)
+    settings.update(weight_decay=t.weight_decay, max_seconds=seconds or t.max_seconds, eval_every=0, seed=seed)
     history = train_loop(model, windows, epochs=1000, batch_size=2 * t.batch_size, **{**settings, **overrides})
     scores = evaluate(model, val, batch_size=32, max_batches=40)
     return model.eval(), {"steps": len(history), "val_bpb": scores["val_bpb"], "seed": seed, "settings": overrides}
@@ -191,7 +192,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, default=150.0, help="training time of each model")
+    ap.add_argument("--seconds", type=float, help="training time of each model (default: the demo's, 170 s)")
     ap.add_argument("--n", type=int, default=100, help="texts per kind")
     ap.add_argument("--bytes", type=int, default=240, help="bytes per text (a denoising pass fits 255)")
     ap.add_argument("--threads", type=int, default=2)
