@@ -160,6 +160,29 @@ def test_malformed_json_is_a_400(server):
     assert status == 400 and "malformed JSON" in payload["error"]["message"]
 
 
+def test_concurrent_requests_decode_together_and_each_gets_its_own_answer(server):
+    """Requests in flight at once share the replica's decoding steps (its /health says how many
+    rows decoded together), and each answer is the one it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bodies = [
+        {"model": "bitlm", "prompt": "The quick", "max_tokens": 48, "temperature": 0.9, "seed": s} for s in range(6)
+    ]
+
+    def text(body):
+        status, payload = _post(f"{server}/v1/completions", body)
+        assert status == 200
+        return payload["choices"][0]["text"]
+
+    alone = [text(b) for b in bodies]
+    seen = json.loads(urllib.request.urlopen(f"{server}/health").read())["batches"]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(text, bodies))
+    health = json.loads(urllib.request.urlopen(f"{server}/health").read())
+    assert together == alone
+    assert max(health["batch_sizes"][seen - health["batches"] :]) >= 3 and health["rows_per_step"] > 1
+
+
 def test_health_page_and_openapi(server):
     health = json.loads(urllib.request.urlopen(f"{server}/health").read())
     assert health["status"] == "ok" and health["quantization"] == "int8"

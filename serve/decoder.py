@@ -1,0 +1,173 @@
+"""A replica's one decoding loop: every attempt of every request decodes here, batched.
+
+The loop runs on its own thread. A request waits in a queue; at every step boundary the loop
+admits what is waiting (up to ``max_batch_size`` rows decoding at once) and decodes all rows
+together: those with the same strategy, prompt length and kind of answer share forward passes
+(one bitlm.gated.stream_batch group), the other groups step beside them. So a request joins
+the work in flight at the next byte instead of waiting for a batch to end, and requests that
+arrive together decode as one batch. When nothing is decoding, the loop waits up to
+``wait_s`` after the first arrival for others to join it.
+
+Events reach the asyncio side through each request's queue: a streamed request gets each
+byte's event as it is made, a whole answer all of them at its end (one hand-off). A request
+whose reader went away is dropped at the next step; a group whose every request went away
+stops decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bitlm.gated import ByteEvent, GateSettings, stream_batch
+
+_END = object()
+
+
+@dataclass
+class _Job:
+    request: dict[str, Any]  # prompt, max_new_bytes, temperature, top_p, seed, strategy
+    whole: bool  # a whole answer (judged at its end) rather than a stream
+    gate: GateSettings
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    events: list[ByteEvent] = field(default_factory=list)
+    gone: bool = False  # its reader stopped listening
+
+    def key(self, index: int) -> tuple:
+        alone = index if self.request["strategy"] == "diffusion" else -1  # a denoising attempt runs alone
+        return (self.request["strategy"], len(self.request["prompt"]), alone, self.whole)
+
+    def send(self, item: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class _Group:
+    """Jobs that share forward passes: one stream_batch iterator."""
+
+    def __init__(self, model: torch.nn.Module, jobs: list[_Job]):
+        self.jobs = jobs
+        r = [j.request for j in jobs]
+        gate = jobs[0].gate.open() if jobs[0].whole else jobs[0].gate  # a whole answer is judged at its end
+        self.steps: Iterator[list[ByteEvent | None]] = stream_batch(
+            model,
+            [x["prompt"] for x in r],
+            [x["max_new_bytes"] for x in r],
+            [float(x["temperature"]) for x in r],
+            [float(x["top_p"]) for x in r],
+            [x.get("seed") for x in r],
+            gate,
+            r[0]["strategy"],
+        )
+        self.open = [True] * len(jobs)
+
+    def step(self) -> bool:
+        """One byte for every open job; False once the group has finished."""
+        try:
+            events = next(self.steps, None)
+        except Exception as exc:  # noqa: BLE001 - the group's requests get the error, the loop goes on
+            for i, job in enumerate(self.jobs):
+                if self.open[i]:
+                    job.send(exc)
+            return False
+        for i, job in enumerate(self.jobs):
+            if not self.open[i]:
+                continue
+            event = None if events is None else events[i]
+            if event is None or job.gone:
+                self.open[i] = False
+                if job.whole and not job.gone:
+                    job.send(job.events)
+                job.send(_END)
+            elif job.whole:
+                job.events.append(event)
+            else:
+                job.send([event])
+        return any(self.open)
+
+
+class Decoder:
+    """The decoding loop of one replica (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, max_batch_size: int = 8, wait_s: float = 0.01):
+        self.model = model
+        self.max_batch_size, self.wait_s = max_batch_size, wait_s
+        self.batch_sizes: deque[int] = deque(maxlen=200)  # rows decoding together after each admission
+        self.admissions = self.steps = self.row_steps = 0
+        self._pending: deque[_Job] = deque()
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="bitlm-decoder", daemon=True)
+        self._thread.start()
+
+    def configure(self, max_batch_size: int, wait_s: float) -> None:
+        if max_batch_size < 1 or wait_s < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and wait_s >= 0, got {max_batch_size} and {wait_s}")
+        self.max_batch_size, self.wait_s = max_batch_size, wait_s
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "batch_sizes": list(self.batch_sizes),
+            "batches": self.admissions,
+            "decoding_steps": self.steps,
+            "row_steps": self.row_steps,  # rows decoded, summed over the steps
+            "rows_per_step": self.row_steps / self.steps if self.steps else 0.0,
+        }
+
+    async def events(self, request: dict[str, Any], whole: bool, gate: GateSettings) -> AsyncIterator[list[ByteEvent]]:
+        """Lists of the request's byte events as they come (a whole answer: one list at its end)."""
+        job = _Job(request, whole, gate, asyncio.get_running_loop(), asyncio.Queue())
+        with self._cv:
+            self._pending.append(job)
+            self._cv.notify()
+        try:
+            while (item := await job.queue.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.gone = True
+
+    def _admit(self, running: list[_Group], rows: int) -> list[_Group]:
+        """New groups of the waiting jobs that fit; waits for work when nothing is decoding."""
+        with self._cv:
+            if not running:
+                while not self._pending:
+                    self._cv.wait()
+                deadline = time.monotonic() + self.wait_s  # let the first arrival's companions join it
+                while len(self._pending) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
+                    self._cv.wait(left)
+            jobs = []
+            while self._pending and rows + len(jobs) < self.max_batch_size:
+                job = self._pending.popleft()
+                if not job.gone:
+                    jobs.append(job)
+        groups: dict[tuple, list[_Job]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(job.key(i), []).append(job)
+        new = []
+        for members in groups.values():
+            try:
+                new.append(_Group(self.model, members))
+            except Exception as exc:  # noqa: BLE001 - a request the model refuses fails alone
+                for job in members:
+                    job.send(exc)
+        if jobs:
+            self.admissions += 1
+            self.batch_sizes.append(rows + len(jobs))
+        return new
+
+    def _run(self) -> None:
+        running: list[_Group] = []
+        with torch.no_grad():
+            while True:
+                running += self._admit(running, sum(sum(g.open) for g in running))
+                self.steps += bool(running)
+                self.row_steps += sum(sum(g.open) for g in running)
+                running = [g for g in running if g.step()]

@@ -1,0 +1,94 @@
+"""Serve's decoding loop (serve/decoder.py) on a real model, without Ray: requests that arrive
+together decode as one batch and each gets what it would alone; a request that arrives while
+others decode joins them at the next byte; a reader that leaves stops its rows; a refused
+request fails alone."""
+
+import asyncio
+
+import pytest
+import torch
+
+from bitlm import BitTransformerLM
+from bitlm.gated import GateSettings, stream_bytes
+from serve.decoder import Decoder
+
+CFG = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=9 * 256, dropout=0.0)
+OPEN = GateSettings(c_floor=0.0, s_floor=0.0, burn_in=0, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return BitTransformerLM(**CFG, arch="byte_patch", patch_bytes=1).eval()
+
+
+def _request(prompt: bytes, n: int, seed: int, temperature: float = 1.0) -> dict:
+    return {"prompt": prompt, "max_new_bytes": n, "temperature": temperature, "top_p": 1.0, "seed": seed}
+
+
+async def _whole(decoder: Decoder, request: dict, strategy: str = "sample") -> bytes:
+    chunks = [c async for c in decoder.events({**request, "strategy": strategy}, True, OPEN)]
+    assert len(chunks) == 1  # a whole answer arrives in one hand-off
+    return bytes(e.byte for e in chunks[0])
+
+
+def test_requests_that_arrive_together_share_a_batch_and_get_what_they_would_alone(model):
+    decoder = Decoder(model, max_batch_size=8, wait_s=0.5)
+    requests = [_request(b"abcd", 12 + i, seed=i) for i in range(4)]
+
+    async def main():
+        return await asyncio.gather(*(_whole(decoder, r) for r in requests))
+
+    got = asyncio.run(main())
+    alone = [bytes(e.byte for e in stream_bytes(model, b"abcd", 12 + i, 1.0, 1.0, i, OPEN)) for i in range(4)]
+    assert got == alone and [len(g) for g in got] == [12, 13, 14, 15]
+    assert decoder.stats()["batch_sizes"] == [4] and decoder.stats()["batches"] == 1
+
+
+def test_a_request_arriving_mid_batch_joins_at_the_next_byte(model):
+    decoder = Decoder(model, max_batch_size=8, wait_s=0.0)
+
+    async def main():
+        long = decoder.events({**_request(b"abcd", 200, 0), "strategy": "sample"}, False, OPEN)
+        first = await anext(long)  # the long request is decoding
+        short = await _whole(decoder, _request(b"xy", 5, 1))  # another prompt length: its own group
+        rest = [e async for chunk in long for e in chunk]
+        return first + rest, short
+
+    streamed, short = asyncio.run(main())
+    assert len(streamed) == 200 and len(short) == 5
+    assert short == bytes(e.byte for e in stream_bytes(model, b"xy", 5, 1.0, 1.0, 1, OPEN))
+    assert bytes(e.byte for e in streamed) == bytes(
+        e.byte for e in stream_bytes(model, b"abcd", 200, 1.0, 1.0, 0, OPEN)
+    )
+    # the short one decoded beside the long one and finished first, not after it
+    assert decoder.stats()["batch_sizes"] == [1, 2] and decoder.stats()["rows_per_step"] > 1.0
+
+
+def test_a_reader_that_leaves_stops_its_rows(model):
+    decoder = Decoder(model, max_batch_size=8, wait_s=0.0)
+
+    async def main():
+        stream = decoder.events({**_request(b"abcd", 250, 0), "strategy": "sample"}, False, OPEN)
+        await anext(stream)
+        await stream.aclose()  # the client went away after one byte
+        await asyncio.sleep(0.5)
+        before = decoder.stats()["decoding_steps"]
+        await asyncio.sleep(0.5)
+        return before, decoder.stats()["decoding_steps"]
+
+    before, after = asyncio.run(main())
+    assert before == after and before < 250
+
+
+def test_a_refused_request_fails_alone(model):
+    decoder = Decoder(model, max_batch_size=8, wait_s=0.2)
+
+    async def main():
+        bad = _whole(decoder, _request(b"", 4, 0))  # no prompt: stream_batch refuses it
+        good = _whole(decoder, _request(b"abcd", 6, 3))
+        return await asyncio.gather(bad, good, return_exceptions=True)
+
+    bad, good = asyncio.run(main())
+    assert isinstance(bad, ValueError) and "whole bytes" in str(bad)
+    assert good == bytes(e.byte for e in stream_bytes(model, b"abcd", 6, 1.0, 1.0, 3, OPEN))
