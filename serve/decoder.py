@@ -1,12 +1,13 @@
 """A replica's one decoding loop: every attempt of every request decodes here, batched.
 
-The loop runs on its own thread. A request waits in a queue; at every step boundary the loop
-admits what is waiting (up to ``max_batch_size`` rows decoding at once) and decodes all rows
-together: those with the same strategy, prompt length and kind of answer share forward passes
-(one bitlm.gated.stream_batch group), the other groups step beside them. So a request joins
-the work in flight at the next byte instead of waiting for a batch to end, and requests that
-arrive together decode as one batch. When nothing is decoding, the loop waits up to
-``wait_s`` after the first arrival for others to join it.
+The loop runs on its own thread. A request waits in a queue; at a step boundary with a free
+slot (fewer than ``MAX_GROUPS`` groups decoding, fewer than ``max_batch_size`` rows) the loop
+admits what is waiting, and decodes all rows a byte at a time: those with the same strategy,
+prompt length and kind of answer share forward passes (one bitlm.gated.stream_batch group),
+other groups step beside them. So a request starts beside the work in flight instead of
+waiting for it to end, and requests that arrive together decode as one batch: waiting jobs are
+gathered until they fill the batch, or none has joined them for ``QUIET_S``, or the first has
+waited ``wait_s`` (decoding goes on meanwhile).
 
 Events reach the asyncio side through each request's queue: a streamed request gets each
 byte's event as it is made, a whole answer all of them at its end (one hand-off). A request
@@ -29,6 +30,12 @@ import torch
 from bitlm.gated import ByteEvent, GateSettings, stream_batch
 
 _END = object()
+# Groups decoding at once. A step costs each group a forward pass (on 2 CPU cores at the demo's
+# size ~2.4 ms, plus ~0.16 ms a row: benchmarks/serve_bench.py), so rows spread over many groups
+# decode at a fraction of the speed of one batch; with two, requests that arrive while a group
+# runs gather into the second, and finished slots refill with everything that waited.
+MAX_GROUPS = 2
+QUIET_S = 0.002  # gathering ends early once no request has joined for this long
 
 
 @dataclass
@@ -38,6 +45,7 @@ class _Job:
     gate: GateSettings
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    arrived: float = field(default_factory=time.monotonic)
     events: list[ByteEvent] = field(default_factory=list)
     gone: bool = False  # its reader stopped listening
 
@@ -100,7 +108,7 @@ class Decoder:
         self.model = model
         self.max_batch_size, self.wait_s = max_batch_size, wait_s
         self.batch_sizes: deque[int] = deque(maxlen=200)  # rows decoding together after each admission
-        self.admissions = self.steps = self.row_steps = 0
+        self.admissions = self.steps = self.row_steps = self.passes = 0
         self._pending: deque[_Job] = deque()
         self._cv = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="bitlm-decoder", daemon=True)
@@ -118,6 +126,8 @@ class Decoder:
             "decoding_steps": self.steps,
             "row_steps": self.row_steps,  # rows decoded, summed over the steps
             "rows_per_step": self.row_steps / self.steps if self.steps else 0.0,
+            "forward_passes": self.passes,  # one per group per step
+            "rows_per_pass": self.row_steps / self.passes if self.passes else 0.0,
         }
 
     async def events(self, request: dict[str, Any], whole: bool, gate: GateSettings) -> AsyncIterator[list[ByteEvent]]:
@@ -134,15 +144,32 @@ class Decoder:
         finally:
             job.gone = True
 
+    def _ready(self, rows: int, now: float) -> float:
+        """0 when the waiting jobs should be admitted now, else how long to wait for more: until
+        they fill the batch, or no one has joined them for QUIET_S, or the first has waited wait_s."""
+        first, last = self._pending[0].arrived, self._pending[-1].arrived
+        if len(self._pending) >= self.max_batch_size - rows:
+            return 0.0
+        return max(0.0, min(last + min(QUIET_S, self.wait_s), first + self.wait_s) - now)
+
     def _admit(self, running: list[_Group], rows: int) -> list[_Group]:
-        """New groups of the waiting jobs that fit; waits for work when nothing is decoding."""
+        """New groups of the waiting jobs, when a slot is free and they are gathered; blocks
+        only when nothing is decoding."""
         with self._cv:
-            if not running:
-                while not self._pending:
+            while True:
+                if running and (len(running) >= MAX_GROUPS or rows >= self.max_batch_size):
+                    return []
+                if self._pending:
+                    wait = self._ready(rows, time.monotonic())
+                    if wait == 0.0:
+                        break
+                    if running:
+                        return []  # decode on; look again after this step
+                    self._cv.wait(wait)
+                elif running:
+                    return []
+                else:
                     self._cv.wait()
-                deadline = time.monotonic() + self.wait_s  # let the first arrival's companions join it
-                while len(self._pending) < self.max_batch_size and (left := deadline - time.monotonic()) > 0:
-                    self._cv.wait(left)
             jobs = []
             while self._pending and rows + len(jobs) < self.max_batch_size:
                 job = self._pending.popleft()
@@ -170,4 +197,5 @@ class Decoder:
                 running += self._admit(running, sum(sum(g.open) for g in running))
                 self.steps += bool(running)
                 self.row_steps += sum(sum(g.open) for g in running)
+                self.passes += len(running)
                 running = [g for g in running if g.step()]

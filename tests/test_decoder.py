@@ -92,3 +92,26 @@ def test_a_refused_request_fails_alone(model):
     bad, good = asyncio.run(main())
     assert isinstance(bad, ValueError) and "whole bytes" in str(bad)
     assert good == bytes(e.byte for e in stream_bytes(model, b"abcd", 6, 1.0, 1.0, 3, OPEN))
+
+
+def test_at_most_two_groups_decode_at_once_and_a_freed_slot_takes_what_waited(model):
+    """Every group costs a forward pass per step: a third prompt length waits for a slot."""
+    decoder = Decoder(model, max_batch_size=8, wait_s=0.0)
+    done = []
+
+    async def whole(name, request):
+        await _whole(decoder, request)
+        done.append(name)
+
+    async def main():
+        long = decoder.events({**_request(b"abcd", 150, 0), "strategy": "sample"}, False, OPEN)
+        await anext(long)
+        second = asyncio.create_task(whole("second", _request(b"xy", 60, 1)))
+        await asyncio.sleep(0.05)  # the second group is decoding
+        third = asyncio.create_task(whole("third", _request(b"xyz", 3, 2)))
+        await asyncio.gather(second, third)
+        [e async for chunk in long for e in chunk]
+
+    asyncio.run(main())
+    assert done == ["second", "third"]  # 3 bytes, yet it waited for a slot
+    assert decoder.stats()["batch_sizes"] == [1, 2, 2]
