@@ -81,6 +81,18 @@ def load(url: str, model: str, concurrency: int, requests: int) -> dict:
     }
 
 
+def measured(base: str, route: str, model: str, concurrency: int, requests: int) -> dict:
+    """One load, and how the app's decoding loop batched it (its /health before and after)."""
+    before = json.loads(urllib.request.urlopen(f"{base}{route}/health").read())
+    run = load(f"{base}{route}/v1/completions", model, concurrency, requests)
+    health = json.loads(urllib.request.urlopen(f"{base}{route}/health").read())
+    new = health["batches"] - before["batches"]
+    run["batch_sizes"] = health["batch_sizes"][len(health["batch_sizes"]) - new :] if new else []
+    for key, since in (("steps", "decoding_steps"), ("row_steps", "row_steps"), ("passes", "forward_passes")):
+        run[key] = health[since] - before[since]
+    return run
+
+
 def pooled(runs: list[dict]) -> dict:
     """One level's rounds together: latency percentiles over all requests, bytes over all time."""
     latencies = sorted(x for r in runs for x in r["latencies"])
@@ -181,27 +193,9 @@ def main() -> None:
         runs: dict[int, list[dict]] = {1: [], 4: [], 16: []}
         for _ in range(args.rounds):
             for c, n in ((1, 10), (4, 24), (16, 64)):
-                before = json.loads(urllib.request.urlopen(f"{base}/health").read())
-                run = load(f"{base}/v1/completions", "bitlm", c, n)
-                health = json.loads(urllib.request.urlopen(f"{base}/health").read())
-                new = health["batches"] - before["batches"]
-                run["batch_sizes"] = health["batch_sizes"][len(health["batch_sizes"]) - new :] if new else []
-                run["steps"] = health["decoding_steps"] - before["decoding_steps"]
-                run["row_steps"] = health["row_steps"] - before["row_steps"]
-                run["passes"] = health["forward_passes"] - before["forward_passes"]
-                runs[c].append(run)
+                runs[c].append(measured(base, "", "bitlm", c, n))
         levels = [pooled(r) for r in runs.values()]
-        fp32 = pooled(
-            [
-                {
-                    **load(f"{base}/fp32/v1/completions", "fp32", 1, 10),
-                    "batch_sizes": [],
-                    "steps": 0,
-                    "row_steps": 0,
-                    "passes": 0,
-                }
-            ]
-        )
+        fp32 = pooled([measured(base, "/fp32", "fp32", 1, 10)])
         batch_sizes = json.loads(urllib.request.urlopen(f"{base}/health").read())["batch_sizes"]
         soak = None
         if args.soak_seconds > 0:

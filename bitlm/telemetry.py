@@ -292,7 +292,7 @@ def logit_telemetry(
     # LZ76 parses on the host: only the rows it measures leave the device.
     data = data_bits_of(bits[torch.as_tensor(rows, device=bits.device)], offset).cpu().numpy().astype(np.uint8)
     c = torch.tensor([lz_complexity(row) if data.shape[1] >= 2 else 1.0 for row in data], device=logits.device)
-    lz_rate = torch.tensor([lz_code_rate(row) if data.shape[1] >= 2 else 1.0 for row in data]).mean().item()
+    lz_rate = float(np.mean([lz_code_rate(row) if data.shape[1] >= 2 else 1.0 for row in data]))
     c = c.mean()
     with torch.set_grad_enabled(torch.is_grad_enabled() and grad[0]):
         if causal and T > 1:

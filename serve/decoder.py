@@ -114,11 +114,6 @@ class Decoder:
         self._thread = threading.Thread(target=self._run, name="bitlm-decoder", daemon=True)
         self._thread.start()
 
-    def configure(self, max_batch_size: int, wait_s: float) -> None:
-        if max_batch_size < 1 or wait_s < 0:
-            raise ValueError(f"max_batch_size must be >= 1 and wait_s >= 0, got {max_batch_size} and {wait_s}")
-        self.max_batch_size, self.wait_s = max_batch_size, wait_s
-
     def stats(self) -> dict[str, Any]:
         return {
             "batch_sizes": list(self.batch_sizes),
@@ -196,6 +191,6 @@ class Decoder:
             while True:
                 running += self._admit(running, sum(sum(g.open) for g in running))
                 self.steps += bool(running)
-                self.row_steps += sum(sum(g.open) for g in running)
+                self.row_steps += sum(sum(g.open) for g in running)  # the newly admitted count too
                 self.passes += len(running)
                 running = [g for g in running if g.step()]
