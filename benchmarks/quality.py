@@ -239,7 +239,9 @@ def markdown(corpus: dict) -> str:
     ]
     for r in corpus["models"]:
         g = r["gen_bytes_per_s"]
-        spec = f"; {g['sampled_speculative']:,.0f} / {g['greedy_speculative']:,.0f}" if "greedy_speculative" in g else ""
+        spec = (
+            f"; {g['sampled_speculative']:,.0f} / {g['greedy_speculative']:,.0f}" if "greedy_speculative" in g else ""
+        )
         rows.append(
             f"| {r['label']} | {r['parameters']:,} | {r['val_bpb']:.3f} | {r['val_bpb_equal_flops']:.3f} | "
             f"{r['parity_bpb']:.3f} | {r['train_bytes_per_s']:,.0f} | {g['sampled']:,.0f} / {g['greedy']:,.0f}{spec} | {r['mfu']:.1%} |"

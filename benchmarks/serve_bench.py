@@ -168,8 +168,8 @@ def main() -> None:
                     "checkpoint": d,
                     "quantization": "int8",
                     "gate": open_gate,
-                    "max_batch_size": 16,
-                    "batch_wait_timeout_s": 0.01,  # serve/config.yaml's
+                    "max_batch_size": 16,  # serve/config.yaml's
+                    "batch_wait_timeout_s": 0.01,
                 }
             ),
             name="int8",

@@ -19,6 +19,10 @@ class KVCache:
     ``length`` counts the transformer positions cached; ``state`` holds what an architecture
     needs between calls (the prefix embedding keeps the current byte's bits there). Buffers
     are written in place, so a decoding step costs O(length), not a copy of the cache.
+
+    Rows at different positions (continuous batching, bitlm.batching): ``lengths`` (B,) holds
+    each row's own count, ``length`` the largest; such a cache takes one position per call,
+    each row's written at its own place, and attention masks every row's keys past its own.
     """
 
     def __init__(self, num_layers: int, capacity: int):
@@ -28,10 +32,14 @@ class KVCache:
         self.length = 0  # transformer positions
         self.bits_seen = 0  # input bits
         self.state: dict[str, Any] = {}
+        self.lengths: torch.Tensor | None = None  # per row, when rows sit at different positions
+        self._mask: tuple | None = None  # (lengths, S, window, mask): one step's, for every layer
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new keys/values (B, H, T, D) after the cached ones; return all of them."""
         B, H, T, D = k.shape
+        if self.lengths is not None:
+            return self._update_rows(layer, k, v)
         end = self.length + T
         if end > self.capacity:
             raise ValueError(f"KV cache holds {self.capacity} positions; {end} needed")
@@ -41,6 +49,33 @@ class KVCache:
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def _update_rows(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One new position per row, row b's at ``lengths[b]``."""
+        B, H, T, D = k.shape
+        if T != 1:
+            raise ValueError(f"a cache of rows at different positions takes one position a call, not {T}")
+        if self.length + 1 > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {self.length + 1} needed")
+        rows = torch.arange(B, device=k.device)
+        self.k[layer][rows, :, self.lengths] = k[:, :, 0]
+        self.v[layer][rows, :, self.lengths] = v[:, :, 0]
+        end = self.length + 1
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def row_mask(self, S: int, window: int | None) -> torch.Tensor:
+        """(B, 1, 1, S) bool: the keys each row's new query may attend (its own, up to its
+        new position, within ``window``); made once a step (``lengths`` is replaced, not
+        changed in place, when the rows move on)."""
+        if self._mask is not None and self._mask[0] is self.lengths and self._mask[1:3] == (S, window):
+            return self._mask[3]
+        j = torch.arange(S, device=self.lengths.device)[None, :]
+        at = self.lengths[:, None]
+        allowed = j <= at
+        if window is not None:
+            allowed &= at - j < window
+        self._mask = (self.lengths, S, window, allowed[:, None, None, :])
+        return self._mask[3]
 
 
 def _window_mask(T: int, S: int, window: int | None, device: torch.device, causal: bool = True) -> torch.Tensor:
@@ -93,8 +128,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         H, D = self.nhead, C // self.nhead
         q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        rows = None
         if cache is not None:
             k, v = cache.update(layer, k, v)
+            if cache.lengths is not None:  # rows at different positions
+                rows = cache.row_mask(k.size(2), self.chunk_size)
         S = k.size(2)  # keys: cached + new
         p = self.dropout if self.training else 0.0
         att = None
@@ -103,6 +141,8 @@ class CausalSelfAttention(nn.Module):
             att = att.masked_fill(~_window_mask(T, S, self.chunk_size, x.device, causal), float("-inf"))
             att = F.softmax(att.float(), dim=-1).to(q.dtype)
             y = F.dropout(att, p, self.training) @ v
+        elif rows is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=rows, dropout_p=p)
         elif not causal:  # diffusion mode: every position sees the whole window
             mask = None if self.chunk_size is None else _window_mask(T, S, self.chunk_size, x.device, False)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)

@@ -73,6 +73,10 @@ def mode_embedded(x: torch.Tensor, mode_emb: torch.Tensor | None, causal: bool, 
 class BytePatchIO(nn.Module):
     """Embeds bits into global patch positions and decodes per-bit logits from them."""
 
+    # What a decoding row carries between bytes in its cache's state, one entry per row: the
+    # context of its unfinished patch and its n-gram history (bitlm.batching moves these).
+    ROW_STATE = ("h", "ngram_hist")
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.P = cfg.patch_bytes
@@ -157,7 +161,7 @@ class BytePatchIO(nn.Module):
         if self.ngram_sizes:
             x = x + self._ngrams(values, cache)
         cache.state["tail"] = None
-        return x, cache.length
+        return x, (cache.length if cache.lengths is None else cache.lengths)
 
     def _ngrams(self, values: torch.Tensor, cache) -> torch.Tensor:
         """The n-gram embeddings of bytes ``values`` (B, N), summed per patch (B, N / P, C); the

@@ -161,6 +161,8 @@ class BitTransformerLM(nn.Module):
         bits = _check_bits(bits)
         if not causal and cache is not None:
             raise ValueError("diffusion mode (causal=False) reads the whole window: it takes no KV cache")
+        if cache is not None and cache.lengths is not None:
+            raise ValueError("a cache of rows at different positions (bitlm.batching) is fed through decode_bytes")
         need_weights = self.config.full_attn_logging if return_attention is None else return_attention
         with self._autocast(bits):
             h, acts, atts = self._global(bits, cache, need_weights, causal, telemetry)
@@ -219,7 +221,11 @@ class BitTransformerLM(nn.Module):
             h = self._blocks_from(x, start, cache, False, True, False)[0]
         self.io.advance(h, cache)
         log_q = self.io._byte_log_probs(h)  # as next_byte_log_probs reads it: outside autocast
-        cache.length += h.size(1)
+        if cache.lengths is not None:  # rows at their own positions: one byte each
+            cache.lengths = cache.lengths + 1  # a new tensor: the cache's mask of the step is stale
+            cache.length += 1
+        else:
+            cache.length += h.size(1)
         cache.bits_seen += 9 * values.size(1)
         return log_q
 
@@ -237,12 +243,17 @@ class BitTransformerLM(nn.Module):
 
     def _blocks_from(self, x: torch.Tensor, start: int, cache, need_weights: bool, causal: bool, keep_acts: bool):
         """The global stack on inputs ``x`` (B, positions, C) whose first position is ``start``."""
-        if start + x.size(1) > self.pos_emb.num_embeddings:
+        last = (int(start.max()) if isinstance(start, torch.Tensor) else start) + x.size(1)
+        if last > self.pos_emb.num_embeddings:
             raise ValueError(
-                f"sequence needs {start + x.size(1)} positions but max_seq_len allows "
+                f"sequence needs {last} positions but max_seq_len allows "
                 f"{self.pos_emb.num_embeddings}; use infer_long_sequence() or a larger max_seq_len"
             )
-        x = self.drop(x + self.pos_emb(torch.arange(start, start + x.size(1), device=x.device)))
+        if isinstance(start, torch.Tensor):  # rows at their own positions (B,)
+            positions = start[:, None] + torch.arange(x.size(1), device=x.device)
+        else:
+            positions = torch.arange(start, start + x.size(1), device=x.device)
+        x = self.drop(x + self.pos_emb(positions))
         if not x.size(1):  # byte_patch: the new bits complete no patch, the local decoder alone answers
             return x, [], []
         h, acts, atts = self._run_blocks(x, cache, need_weights, causal, keep_acts)

@@ -219,7 +219,7 @@ def build(args: dict[str, Any]):
     model = BitLMModel.options(user_config={"gate": args.get("gate", {})}).bind(
         checkpoint,
         str(args.get("quantization", "int8")),
-        int(args.get("max_batch_size", 8)),
+        int(args.get("max_batch_size", 16)),
         float(args.get("batch_wait_timeout_s", 0.01)),
         args.get("tracking_uri"),
     )

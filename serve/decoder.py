@@ -1,13 +1,17 @@
 """A replica's one decoding loop: every attempt of every request decodes here, batched.
 
-The loop runs on its own thread. A request waits in a queue; at a step boundary with a free
-slot (fewer than ``MAX_GROUPS`` groups decoding, fewer than ``max_batch_size`` rows) the loop
-admits what is waiting, and decodes all rows a byte at a time: those with the same strategy,
-prompt length and kind of answer share forward passes (one bitlm.gated.stream_batch group),
-other groups step beside them. So a request starts beside the work in flight instead of
-waiting for it to end, and requests that arrive together decode as one batch: waiting jobs are
-gathered until they fill the batch, or none has joined them for ``QUIET_S``, or the first has
-waited ``wait_s`` (decoding goes on meanwhile).
+The loop runs on its own thread. A request waits in a queue; at a step boundary with room
+(fewer than ``max_batch_size`` rows decoding) the loop admits what is waiting and decodes all
+rows a byte at a time. Requests admitted together with the same strategy, prompt length and
+kind of answer form a group (one gate and telemetry per request, one prompt pass). For the
+byte-patch model (one byte per patch) every group's rows decode in the replica's one
+bitlm.batching.SharedBatch: one forward pass a step for all of them, whatever their positions
+(continuous batching); a request that does not fit it (a denoising retry, or a prompt and
+answer longer than the context) decodes as a group of its own (bitlm.gated.stream_batch, a
+forward pass a step), as every group does for other models (at most ``MAX_GROUPS`` groups at
+once for them). So a request starts beside the work in flight instead of waiting for it to end. Waiting
+jobs are gathered until they fill the batch, or none has joined them for ``QUIET_S``, or the
+first has waited ``wait_s`` (decoding goes on meanwhile): fewer prompt passes.
 
 Events reach the asyncio side through each request's queue: a streamed request gets each
 byte's event as it is made, a whole answer all of them at its end (one hand-off). A request
@@ -27,13 +31,14 @@ from typing import Any
 
 import torch
 
+from bitlm.batching import SharedBatch, SharedGroup
 from bitlm.gated import ByteEvent, GateSettings, stream_batch
 
 _END = object()
-# Groups decoding at once. A step costs each group a forward pass (on 2 CPU cores at the demo's
-# size ~2.4 ms, plus ~0.16 ms a row: benchmarks/serve_bench.py), so rows spread over many groups
-# decode at a fraction of the speed of one batch; with two, requests that arrive while a group
-# runs gather into the second, and finished slots refill with everything that waited.
+# Groups of their own decoding at once (those outside the shared batch). A step costs each a
+# forward pass (on 2 CPU cores at the demo's size ~2.4 ms, plus ~0.16 ms a row:
+# benchmarks/serve_bench.py), so rows spread over many groups decode at a fraction of the speed
+# of one batch.
 MAX_GROUPS = 2
 QUIET_S = 0.002  # gathering ends early once no request has joined for this long
 
@@ -53,37 +58,54 @@ class _Job:
         alone = index if self.request["strategy"] == "diffusion" else -1  # a denoising attempt runs alone
         return (self.request["strategy"], len(self.request["prompt"]), alone, self.whole)
 
+    def fits(self, shared: SharedBatch | None) -> bool:
+        """Whether it decodes in the shared batch."""
+        r = self.request
+        return shared is not None and r["strategy"] != "diffusion" and shared.fits(len(r["prompt"]), r["max_new_bytes"])
+
     def send(self, item: Any) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class _Group:
-    """Jobs that share forward passes: one stream_batch iterator."""
+    """Jobs admitted together: one gate each, their rows in the shared batch (SharedGroup) or
+    in a batch of their own (stream_batch)."""
 
-    def __init__(self, model: torch.nn.Module, jobs: list[_Job]):
-        self.jobs = jobs
+    def __init__(self, model: torch.nn.Module, jobs: list[_Job], shared: SharedBatch | None = None):
+        self.jobs, self.shared = jobs, shared is not None
         r = [j.request for j in jobs]
         gate = jobs[0].gate.open() if jobs[0].whole else jobs[0].gate  # a whole answer is judged at its end
-        self.steps: Iterator[list[ByteEvent | None]] = stream_batch(
-            model,
+        args = (
             [x["prompt"] for x in r],
             [x["max_new_bytes"] for x in r],
             [float(x["temperature"]) for x in r],
             [float(x["top_p"]) for x in r],
             [x.get("seed") for x in r],
             gate,
-            r[0]["strategy"],
         )
+        self.steps: Iterator[list[ByteEvent | None]]
+        if shared is not None:
+            self.steps = SharedGroup(shared, *args)
+        else:
+            self.steps = stream_batch(model, *args, r[0]["strategy"])
         self.open = [True] * len(jobs)
+
+    def going_on(self) -> set[int]:
+        """Its rows in the shared batch that decode another byte."""
+        return self.steps.going_on([o and not j.gone for o, j in zip(self.open, self.jobs)])
+
+    def fail(self, exc: BaseException) -> None:
+        for i, job in enumerate(self.jobs):
+            if self.open[i]:
+                job.send(exc)
+        self.open = [False] * len(self.jobs)
 
     def step(self) -> bool:
         """One byte for every open job; False once the group has finished."""
         try:
             events = next(self.steps, None)
         except Exception as exc:  # noqa: BLE001 - the group's requests get the error, the loop goes on
-            for i, job in enumerate(self.jobs):
-                if self.open[i]:
-                    job.send(exc)
+            self.fail(exc)
             return False
         for i, job in enumerate(self.jobs):
             if not self.open[i]:
@@ -104,8 +126,9 @@ class _Group:
 class Decoder:
     """The decoding loop of one replica (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, max_batch_size: int = 8, wait_s: float = 0.01):
+    def __init__(self, model: torch.nn.Module, max_batch_size: int = 16, wait_s: float = 0.01):
         self.model = model
+        self.shared = SharedBatch(model) if SharedBatch.supports(model) else None
         self.max_batch_size, self.wait_s = max_batch_size, wait_s
         self.batch_sizes: deque[int] = deque(maxlen=200)  # rows decoding together after each admission
         self.admissions = self.steps = self.row_steps = self.passes = 0
@@ -121,7 +144,7 @@ class Decoder:
             "decoding_steps": self.steps,
             "row_steps": self.row_steps,  # rows decoded, summed over the steps
             "rows_per_step": self.row_steps / self.steps if self.steps else 0.0,
-            "forward_passes": self.passes,  # one per group per step
+            "forward_passes": self.passes,  # a step's: one for the shared batch, one per group of its own
             "rows_per_pass": self.row_steps / self.passes if self.passes else 0.0,
         }
 
@@ -152,7 +175,8 @@ class Decoder:
         only when nothing is decoding."""
         with self._cv:
             while True:
-                if running and (len(running) >= MAX_GROUPS or rows >= self.max_batch_size):
+                separate = sum(not g.shared for g in running)
+                if running and (rows >= self.max_batch_size or (self.shared is None and separate >= MAX_GROUPS)):
                     return []
                 if self._pending:
                     wait = self._ready(rows, time.monotonic())
@@ -172,11 +196,11 @@ class Decoder:
                     jobs.append(job)
         groups: dict[tuple, list[_Job]] = {}
         for i, job in enumerate(jobs):
-            groups.setdefault(job.key(i), []).append(job)
+            groups.setdefault((job.fits(self.shared), *job.key(i)), []).append(job)
         new = []
-        for members in groups.values():
+        for (shared, *_), members in groups.items():
             try:
-                new.append(_Group(self.model, members))
+                new.append(_Group(self.model, members, self.shared if shared else None))
             except Exception as exc:  # noqa: BLE001 - a request the model refuses fails alone
                 for job in members:
                     job.send(exc)
@@ -190,7 +214,25 @@ class Decoder:
         with torch.no_grad():
             while True:
                 running += self._admit(running, sum(sum(g.open) for g in running))
+                if self.shared is not None and len(self.shared):
+                    running = self._shared_step(running, self.shared.draw)
                 self.steps += bool(running)
                 self.row_steps += sum(sum(g.open) for g in running)  # the newly admitted count too
-                self.passes += len(running)
+                self.passes += sum(not g.shared for g in running) + any(g.shared for g in running)
                 running = [g for g in running if g.step()]
+                if self.shared is not None and len(self.shared):
+                    going = set().union(*(g.going_on() for g in running if g.shared))
+                    running = self._shared_step(running, self.shared.feed, going)
+
+    def _shared_step(self, running: list[_Group], work, *args) -> list[_Group]:
+        """``work(*args)`` on the shared batch; if it fails, its groups' requests get the error and the
+        batch starts empty (the groups of their own go on)."""
+        try:
+            work(*args)
+            return running
+        except Exception as exc:  # noqa: BLE001 - the shared rows' requests get the error, the loop goes on
+            for g in running:
+                if g.shared:
+                    g.fail(exc)
+            self.shared = SharedBatch(self.model)
+            return [g for g in running if not g.shared]

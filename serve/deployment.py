@@ -55,7 +55,7 @@ class BitLMModel:
         self,
         checkpoint: str,
         quantization: str = "int8",
-        max_batch_size: int = 8,
+        max_batch_size: int = 16,
         batch_wait_timeout_s: float = 0.01,
         tracking_uri: str | None = None,
         threads: int = 1,

@@ -94,9 +94,9 @@ def test_a_refused_request_fails_alone(model):
     assert good == bytes(e.byte for e in stream_bytes(model, b"abcd", 6, 1.0, 1.0, 3, OPEN))
 
 
-def test_at_most_two_groups_decode_at_once_and_a_freed_slot_takes_what_waited(model):
-    """Every group costs a forward pass per step: a third prompt length waits for a slot."""
-    decoder = Decoder(model, max_batch_size=8, wait_s=0.0)
+def _three_groups(decoder: Decoder, long_bytes: int, second_bytes: int) -> list[str]:
+    """A long stream, then a second and a third request of other prompt lengths; the order in
+    which the two whole answers finished."""
     done = []
 
     async def whole(name, request):
@@ -104,14 +104,35 @@ def test_at_most_two_groups_decode_at_once_and_a_freed_slot_takes_what_waited(mo
         done.append(name)
 
     async def main():
-        long = decoder.events({**_request(b"abcd", 150, 0), "strategy": "sample"}, False, OPEN)
+        long = decoder.events({**_request(b"abcd", long_bytes, 0), "strategy": "sample"}, False, OPEN)
         await anext(long)
-        second = asyncio.create_task(whole("second", _request(b"xy", 60, 1)))
+        second = asyncio.create_task(whole("second", _request(b"xy", second_bytes, 1)))
         await asyncio.sleep(0.05)  # the second group is decoding
         third = asyncio.create_task(whole("third", _request(b"xyz", 3, 2)))
         await asyncio.gather(second, third)
         [e async for chunk in long for e in chunk]
 
     asyncio.run(main())
-    assert done == ["second", "third"]  # 3 bytes, yet it waited for a slot
+    return done
+
+
+def test_rows_at_different_positions_share_one_forward_pass_a_step(model):
+    """The byte-patch model's rows decode in one shared batch: a third prompt length joins at
+    the next byte (its 3 bytes end long before the second's 60), and however many groups
+    decode, a step is one forward pass."""
+    decoder = Decoder(model, max_batch_size=8, wait_s=0.0)
+    assert _three_groups(decoder, 150, 60) == ["third", "second"]
+    stats = decoder.stats()
+    assert stats["batch_sizes"] == [1, 2, 3]
+    assert stats["forward_passes"] == stats["decoding_steps"] and stats["rows_per_pass"] > 1.0
+
+
+def test_without_a_shared_batch_at_most_two_groups_decode_at_once():
+    """arch="bit" decodes bit by bit, each group its own forward pass per step: a third prompt
+    length waits for a slot, and a freed slot takes what waited."""
+    torch.manual_seed(0)
+    bit = BitTransformerLM(**{**CFG, "max_seq_len": 9 * 64}).eval()
+    decoder = Decoder(bit, max_batch_size=8, wait_s=0.0)
+    assert decoder.shared is None
+    assert _three_groups(decoder, 40, 20) == ["second", "third"]  # 3 bytes, yet it waited for a slot
     assert decoder.stats()["batch_sizes"] == [1, 2, 2]

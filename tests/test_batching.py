@@ -1,0 +1,103 @@
+"""Continuous batching (bitlm.batching): rows of different prompt lengths that join a shared
+batch at different steps and leave at different steps each get the bytes and telemetry they
+get decoding alone; what cannot be batched so is refused by name."""
+
+import pytest
+import torch
+
+from bitlm import BitTransformerLM
+from bitlm.batching import SharedBatch, SharedGroup
+from bitlm.gated import GateSettings, stream_batch
+
+CFG = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=9 * 64, dropout=0.0)
+OPEN = GateSettings().open()
+# (prompt, new bytes, temperature, top_p, seed): greedy, sampled, tempered with top-p, unseeded
+REQUESTS = [
+    (b"hello wor", 12, 0.0, 1.0, None),
+    (b"abcdefghi", 10, 1.0, 1.0, 5),
+    (b"xy", 15, 0.8, 0.9, 7),
+    (b"longer prompt here", 6, 1.0, 1.0, 3),
+    (b"xy", 9, 1.2, 1.0, 11),
+]
+JOINS = {0: [[0, 1]], 3: [[2, 4]], 5: [[3]]}  # step -> groups (request indices) that join then
+
+
+def _model(**overrides) -> BitTransformerLM:
+    torch.manual_seed(0)
+    cfg = {**CFG, "arch": "byte_patch", "patch_bytes": 1, "local_decoder": "softmax", "ngram_sizes": [2, 3]}
+    return BitTransformerLM(**{**cfg, **overrides}).eval()
+
+
+def _events(events) -> list[tuple]:
+    return [(e.byte, round(e.K, 5), round(e.C, 5), round(e.S, 5)) for e in events]
+
+
+def _alone(model, request) -> list[tuple]:
+    prompt, n, t, p, seed = request
+    return _events(e[0] for e in stream_batch(model, [prompt], [n], [t], [p], [seed], OPEN) if e[0] is not None)
+
+
+def _shared(model) -> tuple[dict[int, list], SharedBatch, int]:
+    shared, got, groups, most = SharedBatch(model), {i: [] for i in range(len(REQUESTS))}, [], 0
+    with torch.no_grad():
+        for step in range(40):
+            for idxs in JOINS.get(step, []):
+                rs = [REQUESTS[i] for i in idxs]
+                group = SharedGroup(shared, *([r[k] for r in rs] for k in range(5)), OPEN)
+                groups.append((group, idxs))
+            most = max(most, len(shared))
+            if len(shared):
+                shared.draw()
+            alive = []
+            for group, idxs in groups:
+                events = next(group, None)
+                if events is None:
+                    continue
+                for b, event in enumerate(events):
+                    if event is not None:
+                        got[idxs[b]].append(event)
+                alive.append((group, idxs))
+            groups = alive
+            shared.feed(set().union(*(g.going_on() for g, _ in groups)))
+    return {i: _events(e) for i, e in got.items()}, shared, most
+
+
+@pytest.mark.parametrize("overrides", [{}, {"chunk_size": 8}, {"local_decoder": "tree", "ngram_sizes": None}])
+def test_rows_that_join_and_leave_at_different_steps_get_what_they_get_alone(overrides):
+    model = _model(**overrides)
+    got, shared, most = _shared(model)
+    for i, request in enumerate(REQUESTS):
+        assert got[i] == _alone(model, request), f"request {i}"
+        assert len(got[i]) == request[1]
+    assert most == 5 and len(shared) == 0 and shared.cache is None  # all five decoded together; all left
+
+
+def test_a_batch_step_is_one_forward_pass_for_every_row():
+    model = _model()
+    shared = SharedBatch(model)
+    SharedGroup(shared, [b"abc"], [5], [1.0], [1.0], [0], OPEN)
+    SharedGroup(shared, [b"a longer one"], [5], [1.0], [1.0], [1], OPEN)
+    calls = []
+    model.decode_bytes = lambda values, cache, _f=model.decode_bytes: calls.append(values.shape) or _f(values, cache)
+    shared.draw()
+    shared.feed(set(shared.ids))
+    assert calls == [(2, 1)]
+    assert shared.lengths == shared.cache.lengths.tolist() == [1 + 3 + 1, 1 + 12 + 1]  # start, prompt, byte fed
+
+
+def test_what_cannot_be_batched_so_is_refused_by_name():
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="patch_bytes=1"):
+        SharedBatch(BitTransformerLM(**CFG))  # arch="bit" decodes bit by bit
+    model = _model()
+    shared = SharedBatch(model)
+    assert shared.fits(60, 4) and not shared.fits(60, 5)  # 64 bytes of context: no restart inside
+    for prompt, n in ((b"x" * 64, 1), (b"x" * 60, 5)):
+        with pytest.raises(ValueError, match="do not fit"):
+            SharedGroup(shared, [prompt], [n], [1.0], [1.0], [0], OPEN)
+    SharedGroup(shared, [b"abc"], [3], [1.0], [1.0], [0], OPEN)
+    SharedGroup(shared, [b"abcdef"], [3], [1.0], [1.0], [0], OPEN)
+    shared.draw()
+    shared.feed(set(shared.ids))
+    with pytest.raises(ValueError, match="different positions"):
+        model(torch.zeros(2, 9, dtype=torch.long), shared.cache)  # only decode_bytes feeds such a cache
