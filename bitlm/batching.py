@@ -9,7 +9,9 @@ each row with its own temperature, top-p and generator) and feeds the bytes of t
 on in one call (:meth:`~SharedBatch.feed`, ``model.decode_bytes``); the rows that end leave.
 
 A row's bytes are the ones it gets decoding alone with bitlm.generate (the same distributions up
-to float rounding in batched products, the same draws from its own generator), as long as its
+to float rounding in batched products, the same draws from its own generator; a row at
+temperature 1 and top-p 1 beside tempered rows is drawn through the tempered formula, which
+equals its distribution up to rounding, as in any batch of bitlm.generate), as long as its
 prompt and answer fit the context (:meth:`~SharedBatch.fits`: plain decoding would restart the
 context past it). :class:`SharedGroup` gates a group's rows on it, as bitlm.gated.stream_batch
 gates a batch of its own; Serve's decoding loop
@@ -60,6 +62,7 @@ class SharedBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @torch.no_grad()
     def add(self, prompt_bits: torch.Tensor, temperature, top_p, generators: list) -> list[int]:
         """Rows for prompts (B, 9n) of one length, their sampling settings (per row) and
         generators (one per row, None for the global one); returns the rows' ids."""
@@ -157,6 +160,8 @@ class SharedGroup:
     def _steps(self):
         while True:  # this group's rows of each draw (a row that left reads another's: unused)
             s = self.shared
+            if s.ids and s.bits is None:
+                raise RuntimeError("SharedGroup steps after shared.draw(): call it first, each step")
             if not s.ids:
                 yield GeneratedByte(
                     torch.zeros(len(self.rows), 9, dtype=torch.long), log_q=torch.zeros(len(self.rows), 256)

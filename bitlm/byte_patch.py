@@ -147,7 +147,8 @@ class BytePatchIO(nn.Module):
         return x, start
 
     def embed_bytes(self, values: torch.Tensor, cache):
-        """Decoding's short way in: global inputs (B, n, C) and the first one's position for
+        """Decoding's short way in: global inputs (B, n, C) and the first one's position (an int,
+        or the rows' own (B,) in a cache of rows at different positions) for
         whole bytes ``values`` (B, n) fed through ``cache``, which must hold whole patches of one
         byte (P = 1), as generation's does; what embed() gives for the bytes' bits, without
         reading bits (generation drew the bytes, so there is nothing to check or unpack)."""

@@ -205,7 +205,12 @@ class BitTransformerLM(nn.Module):
         their bits to ``forward(..., decode=False)`` and reading ``io.next_byte_log_probs(cache)``
         after each. With one byte per patch the bytes go in as values (``io.embed_bytes``),
         skipping the per-bit checks and unpacking that a byte the caller drew does not need;
-        with several, as bits, one byte at a time."""
+        with several, as bits, one byte at a time. A cache of rows at different positions
+        (bitlm.batching) takes one byte a row (n = 1)."""
+        if cache.lengths is not None and values.size(1) != 1:
+            raise ValueError(
+                f"a cache of rows at different positions takes one byte a row a call, not {values.size(1)}"
+            )
         if not hasattr(self.io, "embed_bytes"):
             raise ValueError(
                 f"decode_bytes is arch='byte_patch''s decoding step; arch={self.config.arch!r} decodes bits"
@@ -241,8 +246,9 @@ class BitTransformerLM(nn.Module):
         x, start = self.io.embed(bits, cache, causal)  # (B, P, C), first position's index
         return self._blocks_from(x, start, cache, need_weights, causal, keep_acts)
 
-    def _blocks_from(self, x: torch.Tensor, start: int, cache, need_weights: bool, causal: bool, keep_acts: bool):
-        """The global stack on inputs ``x`` (B, positions, C) whose first position is ``start``."""
+    def _blocks_from(self, x: torch.Tensor, start, cache, need_weights: bool, causal: bool, keep_acts: bool):
+        """The global stack on inputs ``x`` (B, positions, C) whose first position is ``start``
+        (an int, or one per row (B,) for rows at different positions)."""
         last = (int(start.max()) if isinstance(start, torch.Tensor) else start) + x.size(1)
         if last > self.pos_emb.num_embeddings:
             raise ValueError(

@@ -8,8 +8,8 @@ byte-patch model (one byte per patch) every group's rows decode in the replica's
 bitlm.batching.SharedBatch: one forward pass a step for all of them, whatever their positions
 (continuous batching); a request that does not fit it (a denoising retry, or a prompt and
 answer longer than the context) decodes as a group of its own (bitlm.gated.stream_batch, a
-forward pass a step), as every group does for other models (at most ``MAX_GROUPS`` groups at
-once for them). So a request starts beside the work in flight instead of waiting for it to end. Waiting
+forward pass a step), as every group does for other models; at most ``MAX_GROUPS`` such groups
+decode at once, and a request that would make another waits for one to end. So a request starts beside the work in flight instead of waiting for it to end. Waiting
 jobs are gathered until they fill the batch, or none has joined them for ``QUIET_S``, or the
 first has waited ``wait_s`` (decoding goes on meanwhile): fewer prompt passes.
 
@@ -189,11 +189,19 @@ class Decoder:
                     return []
                 else:
                     self._cv.wait()
-            jobs = []
+            jobs, deferred, keys = [], [], set()
             while self._pending and rows + len(jobs) < self.max_batch_size:
                 job = self._pending.popleft()
-                if not job.gone:
-                    jobs.append(job)
+                if job.gone:
+                    continue
+                if not job.fits(self.shared):  # a group of its own: at most MAX_GROUPS of those at once
+                    key = job.key(len(jobs))
+                    if key not in keys and separate + len(keys) >= MAX_GROUPS:
+                        deferred.append(job)  # it waits for one of them to end
+                        continue
+                    keys.add(key)
+                jobs.append(job)
+            self._pending.extendleft(reversed(deferred))
         groups: dict[tuple, list[_Job]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((job.fits(self.shared), *job.key(i)), []).append(job)
@@ -218,7 +226,7 @@ class Decoder:
                     running = self._shared_step(running, self.shared.draw)
                 self.steps += bool(running)
                 self.row_steps += sum(sum(g.open) for g in running)  # the newly admitted count too
-                self.passes += sum(not g.shared for g in running) + any(g.shared for g in running)
+                self.passes += sum(not g.shared for g in running) + bool(self.shared is not None and len(self.shared))
                 running = [g for g in running if g.step()]
                 if self.shared is not None and len(self.shared):
                     going = set().union(*(g.going_on() for g in running if g.shared))

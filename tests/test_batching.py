@@ -101,3 +101,6 @@ def test_what_cannot_be_batched_so_is_refused_by_name():
     shared.feed(set(shared.ids))
     with pytest.raises(ValueError, match="different positions"):
         model(torch.zeros(2, 9, dtype=torch.long), shared.cache)  # only decode_bytes feeds such a cache
+    with pytest.raises(ValueError, match="one byte a row"):
+        model.decode_bytes(torch.zeros(2, 2, dtype=torch.long), shared.cache)
+    assert not shared.log_q.requires_grad and shared.cache.k[0].grad_fn is None  # nothing kept for a backward
