@@ -270,11 +270,47 @@ def _kept(ok: torch.Tensor) -> int:
     return int(ok.all(0).cumprod(0).sum())
 
 
-# Drafts come from a context match of at least this many bytes: a one-byte match is too weak
-# a guess to be worth verifying (on a model trained 150 s on pydoc, sampled speculation ran at
-# 0.72x plain decoding with one-byte matches and a fixed 8 drafts, 0.88x with this and the
-# adaptive length; greedy 1.58x and 1.80x: benchmarks/results/gen_trained.json has the figures
-# of the shipped rule).
+def _verify_drafts(model, cache, pending, d_vals, rule: _SamplingRule, generator):
+    """One call of :func:`_speculate`: feed the byte decided last ``pending`` (B, 1) and the
+    drafts ``d_vals`` (B, n), keep the leading drafts every row accepts, draw the byte after
+    them, and cut the cache back to what was kept. Returns (log q after each fed byte
+    (B, n + 1, 256), drafts kept, the byte after them (B,))."""
+    B, n, dev, greedy = d_vals.size(0), d_vals.size(1), d_vals.device, rule.greedy
+    length, seen = cache.length, cache.bits_seen
+    log_q = model.decode_bytes(torch.cat([pending, d_vals], 1), cache)  # (B, n + 1, 256): after each
+    best = greedy_byte(log_q) if rule.any_greedy else None  # (B, n + 1)
+    if rule.all_greedy:  # a draft is kept when it is the greedy byte; then the greedy byte after
+        kept = _kept(best[:, :n] == d_vals)
+        nxt = best[:, kept]
+    else:
+        p = rule.log_probs(log_q).float().exp()  # the sampling distribution after each fed byte
+        ok = _row_rand(B, n, generator, dev) < p[:, :n].gather(2, d_vals[..., None]).squeeze(-1)
+        if rule.any_greedy:
+            ok = torch.where(greedy[:, None], best[:, :n] == d_vals, ok)
+        kept = _kept(ok)
+        # the byte after the kept drafts: a row's accepted draft, else a draw from p without it
+        q = p[:, kept].clone()
+        if kept < n:
+            accepted = ok[:, kept]
+            # a greedy row takes its greedy byte below: its q need only be a distribution (its
+            # draft rejected by greedy_byte may be all that p, from log-masses, allows at a tie)
+            keep_q = accepted | greedy
+            q = torch.where(keep_q[:, None], q, q.scatter(1, d_vals[:, kept : kept + 1], 0.0))
+        q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
+        drawn = _row_draw(q, generator)
+        nxt = torch.where(greedy, best[:, kept], drawn) if rule.any_greedy else drawn
+        if kept < n:
+            nxt = torch.where(accepted & ~greedy, d_vals[:, kept], nxt)
+    cache.length, cache.bits_seen = length + 1 + kept, seen + 9 * (1 + kept)  # cut back
+    cache.state["h"] = cache.state["h_all"][:, kept : kept + 1]
+    model.io.trim_state(cache, torch.cat([pending, d_vals[:, :kept]], 1))
+    return log_q, kept, nxt
+
+
+# Drafts come from a context match of at least this many bytes: a one-byte match is too weak a
+# guess to be worth verifying, and verifying drafts that are then rejected costs more than a
+# plain step on a CPU (benchmarks/quality.py's speculative figures; gen_trained.json is a run
+# of this rule).
 DRAFT_MIN_MATCH = 2
 
 
@@ -294,7 +330,6 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
     window = io.max_bits // 9  # bytes of context
     keep = max(1, window // 2)
     rule = _SamplingRule(temperature, top_p, B, dev)
-    greedy = rule.greedy
     table, place = BYTE_BITS.to(dev), _PLACE.to(dev)
     values = (seq.view(B, -1, 9)[..., :8] * place).sum(-1)  # (B, L) bytes so far
     text = [bytes(row) for row in values.to(torch.uint8).cpu().numpy()]
@@ -314,46 +349,14 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
             room = min(start + window - L - 1, max_new_bytes - made - 1, k_now)  # drafts this call may verify
             drafts = [_lookup_draft(row, room, n_min=DRAFT_MIN_MATCH) for row in text]
             n = min(len(d) for d in drafts)
-            if not n:  # nothing to verify: a plain step
+            if n:
+                d_vals = torch.tensor([list(d[:n]) for d in drafts], dtype=torch.long, device=dev).view(B, n)
+                log_q, kept, nxt = _verify_drafts(model, cache, pending, d_vals, rule, generator)
+                k_now = min(k, k_now + 2) if kept == n else max(1, k_now - 1)
+            else:  # nothing to verify: a plain step
+                d_vals, kept = pending[:, :0], 0
                 log_q = model.decode_bytes(pending, cache)
                 nxt = _draw_byte(log_q[:, 0], rule, generator)
-                fresh.append(table[nxt])
-                made += 1
-                yield GeneratedByte(fresh[-1], log_q=log_q[:, 0])
-                text = [row + bytes([b]) for row, b in zip(text, nxt.tolist())]
-                L += 1
-                pending = nxt[:, None]
-                continue
-            d_vals = torch.tensor([list(d[:n]) for d in drafts], dtype=torch.long, device=dev).view(B, n)
-            length, seen = cache.length, cache.bits_seen
-            log_q = model.decode_bytes(torch.cat([pending, d_vals], 1), cache)  # (B, n + 1, 256): after each
-            best = greedy_byte(log_q) if rule.any_greedy else None  # (B, n + 1)
-            if rule.all_greedy:  # a draft is kept when it is the greedy byte; then the greedy byte after
-                kept = _kept(best[:, :n] == d_vals)
-                nxt = best[:, kept]
-            else:
-                p = rule.log_probs(log_q).float().exp()  # the sampling distribution after each fed byte
-                ok = _row_rand(B, n, generator, dev) < p[:, :n].gather(2, d_vals[..., None]).squeeze(-1)
-                if rule.any_greedy:
-                    ok = torch.where(greedy[:, None], best[:, :n] == d_vals, ok)
-                kept = _kept(ok)
-                # the byte after the kept drafts: a row's accepted draft, else a draw from p without it
-                q = p[:, kept].clone()
-                if kept < n:
-                    accepted = ok[:, kept]
-                    # a greedy row takes its greedy byte below: its q need only be a distribution (its
-                    # draft rejected by greedy_byte may be all that p, from log-masses, allows at a tie)
-                    keep_q = accepted | greedy
-                    q = torch.where(keep_q[:, None], q, q.scatter(1, d_vals[:, kept : kept + 1], 0.0))
-                q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
-                drawn = _row_draw(q, generator)
-                nxt = torch.where(greedy, best[:, kept], drawn) if rule.any_greedy else drawn
-                if kept < n:
-                    nxt = torch.where(accepted & ~greedy, d_vals[:, kept], nxt)
-            k_now = min(k, k_now + 2) if kept == n else max(1, k_now - 1)
-            cache.length, cache.bits_seen = length + 1 + kept, seen + 9 * (1 + kept)  # cut back
-            cache.state["h"] = cache.state["h_all"][:, kept : kept + 1]
-            io.trim_state(cache, torch.cat([pending, d_vals[:, :kept]], 1))
             new = torch.cat([d_vals[:, :kept], nxt[:, None]], 1)  # (B, kept + 1)
             for i in range(kept + 1):
                 bits = table[new[:, i]]

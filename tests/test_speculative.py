@@ -77,10 +77,10 @@ def test_greedy_speculation_on_a_trained_model_accepts_drafts(peaked):
     assert n_spec < len(calls) / 2  # most bytes came several to a model call
 
 
-def test_draft_length_grows_after_accepted_calls_and_shrinks_after_rejections(peaked):
-    """Each call verifies up to 2 more drafts than the one before when that one kept all of
-    its drafts, else 1 fewer; from 2 at the start, it reaches the ``draft`` limit on text the
-    model knows well."""
+def test_draft_length_starts_at_two_and_grows_to_the_limit(peaked):
+    """The first call verifies at most 2 drafts, and each call after one that kept all its
+    drafts at most 2 more: on text the model knows well it reaches the ``draft`` limit, and
+    not before the fourth drafted call."""
     widths = []
     real = peaked.decode_bytes
 
