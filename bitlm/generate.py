@@ -107,7 +107,7 @@ def iter_generate(
     sampling settings may be per row (see sample_bit).
 
     ``draft`` > 0 (``arch="byte_patch"`` with one byte per patch): speculative decoding, up to
-    ``draft`` bytes per model call, drafted from the context and verified (see _speculate):
+    ``draft`` bytes per model call, drafted (context, bigrams) and verified (see _speculate):
     the same greedy output, and samples from the same distribution, as plain decoding."""
     seq = _check_prompt(prompt_bits).to(next(model.parameters()).device)
     if draft and use_cache and getattr(model.io, "P", 0) == 1:
@@ -191,13 +191,22 @@ def byte_log_probs(node_logits: torch.Tensor, temperature, top_p) -> torch.Tenso
     return lp[..., nodes, ones.long()].sum(-1)  # (B, ..., 256)
 
 
+_OVER_HALF = math.log(0.501)  # clear of 1/2 by more than float32's error in q's subtree sums
+
+
 def greedy_byte(log_q: torch.Tensor) -> torch.Tensor:
     """The byte (...,) that greedy bit-by-bit decoding picks from byte log-probabilities log_q
     (..., 256): at each prefix-tree node the bit whose subtree holds more of q (on a tie 0, as
     sample_bit's argmax). Not in general q's likeliest byte: a subtree of many middling bytes
     beats one likely byte. Two small products: q times the nodes' turns gives each node's
     mass at 1 less mass at 0, so its greedy bit; the greedy bits times the turns count, for
-    every byte, the nodes of its path that lead to it, and only the greedy byte has all 8."""
+    every byte, the nodes of its path that lead to it, and only the greedy byte has all 8.
+    A byte with over half of q wins every node of its path: when every row has one, it is the
+    answer (checked on the CPU only, where reading the check back costs no device sync)."""
+    if log_q.device.type == "cpu":
+        top, best = log_q.max(-1)
+        if bool((top > _OVER_HALF).all()):
+            return best
     turns = _TURNS.to(log_q.device)
     one = (log_q.float().exp() @ turns.T) > 0  # (..., 255)
     return (one.float() @ turns + _ZERO_TURNS.to(log_q.device)).argmax(-1)
@@ -251,6 +260,18 @@ def _lookup_draft(history: bytes, k: int, n_max: int = 4, n_min: int = 1) -> byt
     return b""
 
 
+def _draft(history: bytes, k: int, likeliest: bytes) -> bytes:
+    """``k`` drafted bytes: what followed the latest earlier match of the context's last
+    DRAFT_MIN_MATCH+ bytes (_lookup_draft), continued (or, with no match, begun) by the chain of
+    the reference's likeliest next bytes, ``likeliest[a]`` the likeliest byte after byte a."""
+    out = bytearray(_lookup_draft(history, k, n_min=DRAFT_MIN_MATCH))
+    last = out[-1] if out else history[-1]
+    while len(out) < k:
+        last = likeliest[last]
+        out.append(last)
+    return bytes(out)
+
+
 def _row_draw(probs: torch.Tensor, generator) -> torch.Tensor:
     """One index (B,) per row of ``probs`` (B, K), each row's from its own generator when there is a list."""
     if isinstance(generator, list):
@@ -267,7 +288,8 @@ def _row_rand(B: int, n: int, generator, device) -> torch.Tensor:
 
 def _kept(ok: torch.Tensor) -> int:
     """How many drafts every row keeps: the leading drafts (B, n) accepted in all rows."""
-    return int(ok.all(0).cumprod(0).sum())
+    every = ok.all(0).tolist()
+    return every.index(False) if False in every else len(every)
 
 
 def _verify_drafts(model, cache, pending, d_vals, rule: _SamplingRule, generator):
@@ -289,14 +311,13 @@ def _verify_drafts(model, cache, pending, d_vals, rule: _SamplingRule, generator
             ok = torch.where(greedy[:, None], best[:, :n] == d_vals, ok)
         kept = _kept(ok)
         # the byte after the kept drafts: a row's accepted draft, else a draw from p without it
-        q = p[:, kept].clone()
+        q = p[:, kept]  # weights: multinomial needs no normalizing
         if kept < n:
             accepted = ok[:, kept]
             # a greedy row takes its greedy byte below: its q need only be a distribution (its
             # draft rejected by greedy_byte may be all that p, from log-masses, allows at a tie)
             keep_q = accepted | greedy
             q = torch.where(keep_q[:, None], q, q.scatter(1, d_vals[:, kept : kept + 1], 0.0))
-        q = q / q.sum(-1, keepdim=True).clamp_min(1e-30)
         drawn = _row_draw(q, generator)
         nxt = torch.where(greedy, best[:, kept], drawn) if rule.any_greedy else drawn
         if kept < n:
@@ -307,36 +328,44 @@ def _verify_drafts(model, cache, pending, d_vals, rule: _SamplingRule, generator
     return log_q, kept, nxt
 
 
-# Drafts come from a context match of at least this many bytes: a one-byte match is too weak a
-# guess to be worth verifying, and verifying drafts that are then rejected costs more than a
-# plain step on a CPU (benchmarks/quality.py's speculative figures; gen_trained.json is a run
-# of this rule).
+# Drafts continue a context match of at least this many bytes (one byte is a weak guess), else
+# the chain of the reference's likeliest next bytes (training data's bigrams; free, often right).
 DRAFT_MIN_MATCH = 2
+
+
+PAUSE_STEPS = 4  # plain steps before drafting again, after a lone draft was rejected
+
+
+def _draft_count(k_now: int, kept_all: bool, k: int) -> int:
+    """Drafts for the next call after one of ``k_now``: 2 more (up to ``k``) when all were kept,
+    else 1 fewer; 0 pauses drafting (a call that verifies a draft costs more than a plain step)."""
+    return min(k, k_now + 2) if kept_all else k_now - 1
 
 
 def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> Iterator[GeneratedByte]:
     """Speculative decoding for one byte per patch. Each model call feeds the byte decided
-    last and up to ``k`` drafted bytes (_lookup_draft), which gives the byte distribution after
+    last and up to ``k`` drafted bytes (_draft), which gives the byte distribution after
     each of them; draft i is accepted with the probability the model's sampling distribution p
     (byte_log_probs: temperature, top_p; greedy at 0) gives it, and the first rejected one is
     replaced by a draw from p without it, renormalized: every byte is distributed exactly as in
     plain decoding (Leviathan et al., 2023, with a drafter that proposes one byte for sure),
     and greedy output is the same. The context restarts where plain decoding's does, so a draft
     never crosses a restart. In a batch every row keeps as many drafts as the row that keeps
-    fewest. The cache is cut back to the bytes kept. The number drafted adapts, up to ``k``: 2
-    more after a call that kept all its drafts, 1 fewer after one that did not (verifying
-    bytes that will be rejected costs time); a call with no draft is a plain decoding step."""
+    fewest. The cache is cut back to the bytes kept. The number drafted adapts, up to ``k``
+    (_draft_count); a call with no draft (none fits at the context's or the request's end, or
+    drafting is paused) is a plain decoding step."""
     io, dev, B = model.io, seq.device, seq.size(0)
     window = io.max_bits // 9  # bytes of context
     keep = max(1, window // 2)
     rule = _SamplingRule(temperature, top_p, B, dev)
     table, place = BYTE_BITS.to(dev), _PLACE.to(dev)
     values = (seq.view(B, -1, 9)[..., :8] * place).sum(-1)  # (B, L) bytes so far
-    text = [bytes(row) for row in values.to(torch.uint8).cpu().numpy()]
+    text = [bytearray(row) for row in values.tolist()]
     L = values.size(1)
     start, cache, made = max(0, L - (window - 1)), None, 0
     pending = values[:, L - 1 :]  # the byte decided last, not yet fed (B, 1)
-    k_now = min(k, 2)  # drafts the next call may verify
+    k_now, plain_run = min(k, 2), 0  # drafts the next call may verify; plain steps since the last draft
+    likeliest = bytes(model.reference.tables()[0][:256].argmin(1).tolist())  # the byte after each, by bigram
     fresh: list[torch.Tensor] = []  # generated bytes' bits, joined to seq at a restart
     with _eval_mode(model):
         while made < max_new_bytes:
@@ -346,24 +375,27 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
                 seq, fresh = torch.cat([seq, *fresh], 1), []
                 cache = model.new_cache()
                 model(seq[:, 9 * start : 9 * (L - 1)], cache, telemetry=False, decode=False)
-            room = min(start + window - L - 1, max_new_bytes - made - 1, k_now)  # drafts this call may verify
-            drafts = [_lookup_draft(row, room, n_min=DRAFT_MIN_MATCH) for row in text]
-            n = min(len(d) for d in drafts)
+            n = max(0, min(start + window - L - 1, max_new_bytes - made - 1, k_now))  # drafts this call verifies
             if n:
-                d_vals = torch.tensor([list(d[:n]) for d in drafts], dtype=torch.long, device=dev).view(B, n)
+                drafts = [list(_draft(row, n, likeliest)) for row in text]
+                d_vals = torch.tensor(drafts, dtype=torch.long, device=dev).view(B, n)
                 log_q, kept, nxt = _verify_drafts(model, cache, pending, d_vals, rule, generator)
-                k_now = min(k, k_now + 2) if kept == n else max(1, k_now - 1)
-            else:  # nothing to verify: a plain step
-                d_vals, kept = pending[:, :0], 0
+                k_now, plain_run = _draft_count(k_now, kept == n, k), 0
+                new = torch.cat([d_vals[:, :kept], nxt[:, None]], 1)  # (B, kept + 1)
+            else:  # no draft (none fits, or drafting paused): a plain step
+                kept, plain_run = 0, plain_run + 1
+                if k_now == 0 and plain_run >= PAUSE_STEPS:
+                    k_now = 1  # try drafting again
                 log_q = model.decode_bytes(pending, cache)
                 nxt = _draw_byte(log_q[:, 0], rule, generator)
-            new = torch.cat([d_vals[:, :kept], nxt[:, None]], 1)  # (B, kept + 1)
+                new = nxt[:, None]
             for i in range(kept + 1):
                 bits = table[new[:, i]]
                 fresh.append(bits)
                 made += 1
                 yield GeneratedByte(bits, log_q=log_q[:, i])
-            text = [row + bytes(r) for row, r in zip(text, new.to(torch.uint8).cpu().numpy())]
+            for row, r in zip(text, new.tolist()):
+                row.extend(r)
             L += kept + 1
             pending = nxt[:, None]
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -77,3 +79,9 @@ def test_greedy_byte_is_the_bit_by_bit_greedy_path_not_the_likeliest_byte():
     q[128:] = 0.0
     q[0x80] = 0.4
     assert int(greedy_byte(q.log())) < 0x80 and int(q.argmax()) == 0x80
+    # one row at a time, peaked and flat: rows whose top byte holds over half of q take the
+    # short way (that byte), the others the walk; both give the walked byte
+    peaked = torch.log_softmax(torch.randn(200, 256, generator=g) * torch.linspace(1, 12, 200)[:, None], -1)
+    walked = byte_log_probs(node_logits(peaked), 0.0, 1.0).argmax(-1)
+    assert 20 < int((peaked.max(-1).values > math.log(0.5)).sum()) < 180
+    assert [int(greedy_byte(row[None])) for row in peaked] == walked.tolist()

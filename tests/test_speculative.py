@@ -8,7 +8,7 @@ import torch
 
 from bitlm import BitTransformerLM, TrainConfig, Trainer, bits_to_bytes, bytes_to_bits, generate_bits
 from bitlm.byte_patch import node_logits
-from bitlm.generate import _lookup_draft, byte_log_probs, iter_generate
+from bitlm.generate import PAUSE_STEPS, _draft, _draft_count, _lookup_draft, byte_log_probs, iter_generate
 
 CFG = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=9 * 48, dropout=0.0)
 PATTERN = b"the cat sat on the mat. "
@@ -133,18 +133,52 @@ def _chi2_ok(counts: torch.Tensor, p: torch.Tensor) -> bool:
     return chi2 < dof + 5 * (2 * dof) ** 0.5
 
 
-@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.5, 0.95)])
-def test_a_call_with_nothing_to_draft_samples_as_plain_decoding(peaked, temperature, top_p):
-    """The prompt's last byte occurred before in it, its last two did not: too weak a match to
-    draft from, so a plain step, whose byte follows the model's own sampling distribution."""
-    prompt = torch.from_numpy(bytes_to_bits(b"the cat")).long()[None]
+def test_drafting_grows_after_kept_drafts_shrinks_after_a_rejection_and_pauses():
+    assert _draft_count(2, True, 8) == 4 and _draft_count(8, True, 8) == 8
+    assert _draft_count(4, False, 8) == 3 and _draft_count(1, False, 8) == 0
+
+
+def test_drafts_that_keep_being_rejected_pause_drafting_then_drafting_resumes(peaked, monkeypatch):
+    """A reference whose likeliest byte is one the model never picks: each lone draft is
+    rejected, and PAUSE_STEPS plain steps follow it before the next."""
+    from bitlm.reference import Reference
+
+    counts = torch.zeros(257, 256, dtype=torch.float64)
+    counts[:, 0] = 1000.0  # byte 0 after every byte
+    monkeypatch.setattr(peaked, "reference", Reference(counts))
     widths, real = [], peaked.decode_bytes
-    peaked.decode_bytes = lambda values, cache: widths.append(values.size(1)) or real(values, cache)
+    monkeypatch.setattr(peaked, "decode_bytes", lambda v, c: widths.append(v.size(1) - 1) or real(v, c))
+    prompt = torch.from_numpy(bytes_to_bits(b"xq")).long()[None]  # no context match to draft from
+    out = generate_bits(peaked, prompt, 12, temperature=0.0, draft=4)  # before the text repeats
+    assert 0 not in bits_to_bytes(out[0].numpy())
+    lone = [i for i, w in enumerate(widths) if w == 1]
+    assert widths[0] == 2 and len(lone) >= 2  # 2 rejected, then 1, rejected: a pause
+    for i in lone[:-1]:
+        assert widths[i + 1 : i + 1 + PAUSE_STEPS] == [0] * PAUSE_STEPS
+
+
+def test_without_a_context_match_the_reference_bigram_chain_is_drafted():
+    likeliest = bytes((a + 1) % 256 for a in range(256))  # the byte after a: a + 1
+    assert _draft(b"xyz", 3, likeliest) == b"{|}"  # no earlier match: the chain from "z"
+    assert _draft(b"xaXa", 2, likeliest) == b"bc"  # a one-byte match is not used
+    assert _draft(b"abXab", 2, likeliest) == b"Xa"  # a two-byte match is
+    assert _draft(b"abXab", 4, likeliest) == b"Xabc"  # and the chain continues it to the end
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.5, 0.95)])
+def test_a_call_without_a_context_match_samples_as_plain_decoding(peaked, temperature, top_p):
+    """The prompt's last byte occurred before in it, its last two did not: the drafts are the
+    model's reference's chain of likeliest bytes, and the first byte after them follows the
+    model's own sampling distribution."""
+    prompt = torch.from_numpy(bytes_to_bits(b"the cat")).long()[None]
+    fed, real = [], peaked.decode_bytes
+    peaked.decode_bytes = lambda values, cache: fed.append(values[0].tolist()) or real(values, cache)
     try:
-        generate_bits(peaked, prompt, 2, temperature, top_p, draft=4)
+        generate_bits(peaked, prompt, 3, temperature, top_p, draft=4)
     finally:
         del peaked.decode_bytes
-    assert widths[0] == 1
+    chain = peaked.reference.tables()[0][:256].argmin(1)  # the likeliest byte after each byte
+    assert fed[0] == [ord("t"), int(chain[ord("t")]), int(chain[chain[ord("t")]])]
     first = torch.bincount(
         torch.tensor([a for a, _ in _first_two(peaked, prompt, 600, temperature, top_p, 4)]), minlength=256
     )
