@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25  # the slowest tests, in every log: CI time is watched
 # TORCH=cuda installs torch's CUDA build (constraints-cuda.txt) in place of the CPU one; the venv
 # remembers the choice, so later targets keep it until another `make install TORCH=...`.
 TORCH ?= $(shell cat $(VENV)/.torch 2>/dev/null || echo cpu)
