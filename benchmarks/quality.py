@@ -175,13 +175,13 @@ def bytes_per_call(model, prompt: np.ndarray, device, rounds: int) -> dict[str, 
         return real(values, cache)
 
     model.decode_bytes, out, was_training = counted, {}, model.training
+    bits = byte_tensor_to_bits(torch.from_numpy(prompt[None]).to(device))
     try:
         with torch.no_grad():
             for name, temperature in (("sampled", 1.0), ("greedy", 0.0)):
                 calls[0] = 0
                 for r in range(1, rounds + 1):
                     g = torch.Generator(device=device).manual_seed(r)
-                    bits = byte_tensor_to_bits(torch.from_numpy(prompt[None]).to(device))
                     generate_bits(model, bits, GEN_BYTES, temperature, generator=g, draft=8)
                 out[name] = rounds * GEN_BYTES / calls[0]
     finally:

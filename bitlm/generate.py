@@ -375,7 +375,7 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
                 seq, fresh = torch.cat([seq, *fresh], 1), []
                 cache = model.new_cache()
                 model(seq[:, 9 * start : 9 * (L - 1)], cache, telemetry=False, decode=False)
-            n = max(0, min(start + window - L - 1, max_new_bytes - made - 1, k_now))  # drafts this call verifies
+            n = min(start + window - L - 1, max_new_bytes - made - 1, k_now)  # drafts this call verifies
             if n:
                 drafts = [list(_draft(row, n, likeliest)) for row in text]
                 d_vals = torch.tensor(drafts, dtype=torch.long, device=dev).view(B, n)
