@@ -138,6 +138,13 @@ def make_trainer(
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    # Read by fit() here and passed on to the run's controller and workers. Ray Train's
+    # controller polls its workers every 2 s by default, and a run's start, each report that
+    # reaches Tune and its end wait for a poll: short runs and sweeps spent much of their time
+    # in that wait. Its preemption watcher, an actor per run, only logs node drains (nothing
+    # here reads them). Either can be set otherwise in the environment.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     storage = storage_path(cfg.run.storage_path)
     run_dir = local_run_dir(cfg, name)
     return TorchTrainer(

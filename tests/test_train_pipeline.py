@@ -85,6 +85,15 @@ def test_train_each_strategy_logs_to_mlflow(strategy, tmp_path, data_dir, mlflow
     # the downloaded final checkpoint is the trained model: its val bpb is the logged one
     result = evaluate.evaluate_checkpoint(local, data_dir)
     assert result["model"]["bpb"] < 8.0 and set(result["compressors"]) == {"gzip-9", "bz2-9", "xz-9e"}
+    # The platform's Ray Train settings (make_trainer) reached the run's controller: it started
+    # no preemption watcher, an actor a run that only logs node drains.
+    assert _actors("TrainController") and not _actors("PreemptionWatcher")
+
+
+def _actors(class_name: str) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(filters=[("class_name", "=", class_name)], limit=10_000)
 
 
 def test_a_setting_the_strategy_cannot_honour_stops_the_run_before_ray(tmp_path, data_dir, mlflow_uri):
