@@ -188,12 +188,11 @@ def test_reading_the_shards_starts_two_footer_readers_not_thirty_two(data_dir):
     """Ray Data reads parquet footers with a pool of actors (32 by default, ~100 MB each: 3.3 GB
     of a 2-worker training run on 307 shards); clusters the platform starts give it two."""
     import ray
-    from ray.util.state import list_actors
 
     from pipelines.common import shard_paths
 
     def footer_readers():
-        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000)}
+        return {a.actor_id for a in _actors("FooterReader")}
 
     before = footer_readers()
     ds = ray.data.read_parquet(shard_paths(data_dir, "train"))
