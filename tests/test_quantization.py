@@ -38,6 +38,19 @@ def test_int8_linear_matches_float_within_quantization_error():
     assert q.weight_int8.dtype == torch.int8
 
 
+def test_row_quantization_uses_the_whole_int8_range_and_no_more():
+    """Each row's largest magnitude maps to 127 and the rest within it (no clamp is applied), for
+    rows of every scale, tiny ones under the scale's floor included; dequantized, within half a step."""
+    torch.manual_seed(0)
+    rows = torch.randn(6, 64) * torch.tensor([1e-12, 1e-6, 1.0, 3.3, 1e6, 1e30])[:, None]
+    rows[2, 5] = -rows[2].abs().max() * 1.5  # a row whose extreme is negative
+    q, s = quantization._quantize_rows(rows)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert torch.equal(q[1:].abs().amax(1), torch.full((5,), 127, dtype=torch.int8))  # the floor keeps row 0 small
+    assert q[2, 5] == -127
+    assert ((q.float() * s - rows).abs() <= 0.5 * s * (1 + 1e-5)).all()
+
+
 def test_quantize_dynamic_keeps_outputs_and_telemetry(model):
     q = quantize_dynamic(model, dtype=torch.qint8)
     bits = _bits()
