@@ -32,6 +32,7 @@ BENCHMARKS = {
     "gen_speed": ("gen_speed.py", [], ["--repeats", "3", "--new-bytes", "64"]),
     "scaling": ("scaling.py", [], ["--minutes", "1"]),
     "serve": ("serve_bench.py", [], ["--soak-seconds", "20"]),
+    "serve_overhead": ("serve_overhead.py", [], ["--pairs", "3"]),
     "fuzz": ("fuzz.py", [], ["--max-examples", "10"]),
     "cluster": ("cluster.py", [], ["--steps", "40"]),  # needs root (network namespaces)
     "gate": ("gate.py", [], ["--seconds", "20", "--n", "10"]),
