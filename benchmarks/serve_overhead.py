@@ -8,7 +8,8 @@ completions of 1, 16 and 64 bytes, each length timed ``--pairs`` times three way
 (serve/decoder.py) in this process, without Ray (its thread, gathering and shared batch); and
 over HTTP through the Serve application (proxy -> ingress -> model replica). A straight line
 through the three lengths' medians splits each way into a cost per request and a cost per
-byte; the differences between the lines say what the decoding loop and Serve add to each.
+byte (the JSON keeps each fit's residuals: with three lengths and a drifting machine, a few
+ms); the differences between the lines say what the decoding loop and Serve add to each.
 Also GET /health (proxy -> ingress -> model -> back, no generation).
 """
 
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=12)
     ap.add_argument("--config", default="small.yaml")
     args = ap.parse_args()
+    import ray
     import torch
     from ray import serve
 
@@ -82,10 +84,11 @@ def main() -> None:
         app = {"checkpoint": d, "quantization": "int8", "gate": open_gate, "max_batch_size": 16}
         serve.run(build({**app, "batch_wait_timeout_s": 0.01}), name="overhead", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
+        body = {"model": "bitlm", "prompt": PROMPT, "temperature": 1.0, "seed": 0}  # as the other two ways
         ways = {
             "in_process": lambda n: complete(q, prompt, n, seed=0, gate=gate),
             "decoding_loop": lambda n: loop.run_until_complete(via_decoder(n)),
-            "http": lambda n: post(f"{url}/v1/completions", {"model": "bitlm", "prompt": PROMPT, "max_tokens": n}),
+            "http": lambda n: post(f"{url}/v1/completions", {**body, "max_tokens": n}),
         }
         for n in LENGTHS:  # warm-up
             for way in ways.values():
@@ -100,9 +103,12 @@ def main() -> None:
         health = []
         for _ in range(args.pairs):
             t = time.perf_counter()
-            urllib.request.urlopen(f"{url}/health").read()
+            with urllib.request.urlopen(f"{url}/health") as r:
+                r.read()
             health.append(1000 * (time.perf_counter() - t))
         serve.shutdown()
+        ray.shutdown()
+        loop.close()
     medians = {w: {n: statistics.median(v) for n, v in by_n.items()} for w, by_n in times.items()}
     fits = {w: line(m) for w, m in medians.items()}
     result = {
@@ -110,6 +116,10 @@ def main() -> None:
         "pairs": args.pairs,
         "p50_ms": {w: {str(n): round(v, 2) for n, v in m.items()} for w, m in medians.items()},
         "fit": {w: {k: round(v, 3) for k, v in f.items()} for w, f in fits.items()},
+        "fit_residual_ms": {  # measured - fitted, per length: how far a straight line explains each way
+            w: {str(n): round(v - fits[w]["per_request_ms"] - fits[w]["per_byte_ms"] * n, 2) for n, v in m.items()}
+            for w, m in medians.items()
+        },
         "added": {
             "decoding_loop_over_in_process": {
                 k: round(fits["decoding_loop"][k] - fits["in_process"][k], 3) for k in fits["in_process"]

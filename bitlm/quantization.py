@@ -52,7 +52,8 @@ def _swap_linears(model: nn.Module, make) -> nn.Module:
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = torch.linalg.vector_norm(x, float("inf"), 1, keepdim=True).clamp_min(1e-8) / 127  # max|x_row| / 127
-    # |x / s| <= 127 by construction (up to rounding below 127.5), so no clamp is needed
+    # |x / s| <= 127 by construction (up to fp32 rounding, well below 127.5), so no clamp is
+    # needed; fp32 only (Int8DynamicLinear passes .float()): in bf16 it could round to 128
     return torch.round(x / s).to(torch.int8), s
 
 

@@ -40,14 +40,17 @@ def test_int8_linear_matches_float_within_quantization_error():
 
 def test_row_quantization_uses_the_whole_int8_range_and_no_more():
     """Each row's largest magnitude maps to 127 and the rest within it (no clamp is applied), for
-    rows of every scale, tiny ones under the scale's floor included; dequantized, within half a step."""
+    rows of every scale; rows under the scale's floor (zeros included) keep the floor's scale and
+    quantize to 0; dequantized, every value is within half a step."""
     torch.manual_seed(0)
-    rows = torch.randn(6, 64) * torch.tensor([1e-12, 1e-6, 1.0, 3.3, 1e6, 1e30])[:, None]
-    rows[2, 5] = -rows[2].abs().max() * 1.5  # a row whose extreme is negative
+    rows = torch.randn(7, 64) * torch.tensor([0.0, 1e-12, 1e-6, 1.0, 3.3, 1e6, 1e30])[:, None]
+    rows[3, 5] = -rows[3].abs().max() * 1.5  # a row whose extreme is negative
     q, s = quantization._quantize_rows(rows)
-    assert q.dtype == torch.int8 and q.abs().max() <= 127
-    assert torch.equal(q[1:].abs().amax(1), torch.full((5,), 127, dtype=torch.int8))  # the floor keeps row 0 small
-    assert q[2, 5] == -127
+    wide = q.int()  # int8 abs(-128) is -128: compare in int32
+    assert q.dtype == torch.int8 and wide.abs().max() <= 127
+    assert torch.equal(wide[2:].abs().amax(1), torch.full((5,), 127, dtype=torch.int32))
+    assert q[3, 5] == -127
+    assert torch.equal(s[:2, 0], torch.full((2,), 1e-8) / 127) and not q[:2].any()  # the floor
     assert ((q.float() * s - rows).abs() <= 0.5 * s * (1 + 1e-5)).all()
 
 
