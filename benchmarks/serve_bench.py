@@ -41,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 
 PROMPT = "The return statement"
 NEW_BYTES = 64
+# The gate open: an untrained model's output would trip it, and speed does not depend on it
+OPEN_GATE = {"c_floor": 0.0, "s_floor": 0.0, "burn_in": 0, "max_retries": 0}
 # A mixed load's prompts: 8 lengths (5-48 bytes), as real requests come (one length per group
 # before continuous batching)
 MIXED = [("The return statement may only occur in a function definition.")[:n] for n in (5, 9, 14, 20, 26, 33, 40, 48)]
@@ -149,13 +151,12 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / args.config)
     torch.manual_seed(0)
     model = BitTransformerLM(config=cfg.model).eval()
-    open_gate = {"c_floor": 0.0, "s_floor": 0.0, "burn_in": 0, "max_retries": 0}
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
         torch.set_num_threads(1)
         q = quantize_dynamic(model)
         prepare_fused("cpu")  # as a Serve replica does when it starts
-        gate = GateSettings(**open_gate)
+        gate = GateSettings(**OPEN_GATE)
         complete(q, PROMPT.encode(), 4, seed=0, gate=gate)
         complete(model, PROMPT.encode(), 4, seed=0, gate=gate)
         in_process_batched = {}  # the same decoding loop Serve batches into, B requests at once
@@ -174,7 +175,7 @@ def main() -> None:
                 {
                     "checkpoint": d,
                     "quantization": "int8",
-                    "gate": open_gate,
+                    "gate": OPEN_GATE,
                     "max_batch_size": 16,  # serve/config.yaml's
                     "batch_wait_timeout_s": 0.01,
                 }
@@ -183,7 +184,7 @@ def main() -> None:
             route_prefix="/",
         )
         serve.run(
-            build({"checkpoint": d, "quantization": "none", "model_name": "fp32", "gate": open_gate}),
+            build({"checkpoint": d, "quantization": "none", "model_name": "fp32", "gate": OPEN_GATE}),
             name="fp32",
             route_prefix="/fp32",
         )

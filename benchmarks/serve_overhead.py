@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from serve_bench import PROMPT, post  # noqa: E402
+from serve_bench import OPEN_GATE, PROMPT, post  # noqa: E402
 
 LENGTHS = (1, 16, 64)
 
@@ -62,8 +62,7 @@ def main() -> None:
     cfg = load_config(ROOT / "configs" / args.config)
     torch.manual_seed(0)
     model = BitTransformerLM(config=cfg.model).eval()
-    open_gate = {"c_floor": 0.0, "s_floor": 0.0, "burn_in": 0, "max_retries": 0}
-    gate = GateSettings(**open_gate)
+    gate = GateSettings(**OPEN_GATE)
     prompt = PROMPT.encode()
     with tempfile.TemporaryDirectory() as d:
         model.save_pretrained(d)
@@ -81,7 +80,7 @@ def main() -> None:
         init_ray(quiet=True)
         port = 8766
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = {"checkpoint": d, "quantization": "int8", "gate": open_gate, "max_batch_size": 16}
+        app = {"checkpoint": d, "quantization": "int8", "gate": OPEN_GATE, "max_batch_size": 16}
         serve.run(build({**app, "batch_wait_timeout_s": 0.01}), name="overhead", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         body = {"model": "bitlm", "prompt": PROMPT, "temperature": 1.0, "seed": 0}  # as the other two ways
