@@ -4,7 +4,9 @@
 
 The demo's size (d128 L4, 4 heads, 512 feed-forward), untrained weights: plain decoding does the
 same work whatever the weights say (speculative decoding does not, so it is measured on trained
-models, in benchmarks/quality.py). Models: the byte GPT (benchmarks/byte_gpt.py), the same with
+models, in benchmarks/quality.py). Greedy also times byte_patch with the library's default
+(``draft=None``: greedy decoding speculates), on these weights the case where drafts are
+rejected: what speculating costs when it does not pay. Models: the byte GPT (benchmarks/byte_gpt.py), the same with
 byte_patch's n-gram input embeddings, and BitTransformerLM(arch="byte_patch") as configs/small.yaml
 builds it. Each generates ``--new-bytes`` bytes after a 64-byte prompt through its KV cache,
 sampled (temperature 1) and greedy; the runs of all models alternate, ``--repeats`` rounds, so
@@ -52,8 +54,9 @@ def run(kind: str, model, prompt: torch.Tensor, n: int, temperature: float) -> f
     t = time.perf_counter()
     if kind.startswith("byte_gpt"):
         model.generate(prompt.long(), n, g, temperature)
-    else:
-        generate_bits(model, byte_tensor_to_bits(prompt), n, temperature, generator=g)
+    else:  # plain decoding, or (byte_patch_default) the library's default: greedy speculates
+        draft = None if kind == "byte_patch_default" else 0
+        generate_bits(model, byte_tensor_to_bits(prompt), n, temperature, generator=g, draft=draft)
     return n / (time.perf_counter() - t)
 
 
@@ -71,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"setup": vars(args), "bytes_per_s": {}, "byte_patch_vs": {}}
     with torch.no_grad():
         for mode, temperature in (("sampled", 1.0), ("greedy", 0.0)):
+            if mode == "greedy":
+                ms = {**ms, "byte_patch_default": ms["byte_patch"]}
             for kind, m in ms.items():  # warm-up
                 run(kind, m, prompt, 8, temperature)
             speeds: dict[str, list[float]] = {k: [] for k in ms}
@@ -81,7 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
                 k: {"median": statistics.median(v), "best": max(v), "runs": v} for k, v in speeds.items()
             }
             med = {k: statistics.median(v) for k, v in speeds.items()}
-            result["byte_patch_vs"][mode] = {k: med["byte_patch"] / med[k] for k in ms if k != "byte_patch"}
+            result["byte_patch_vs"][mode] = {k: med["byte_patch"] / med[k] for k in ms if k.startswith("byte_gpt")}
+            if "byte_patch_default" in med:  # the default's cost where drafts are rejected
+                result["byte_patch_vs"][mode]["byte_patch_default_over_plain"] = (
+                    med["byte_patch_default"] / med["byte_patch"]
+                )
             print(mode, {k: round(v) for k, v in med.items()}, result["byte_patch_vs"][mode], flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ def test_byte_probabilities_sum_to_one(model):
 
 def test_cached_and_uncached_generation_agree(model):
     prompt = torch.tensor(text_to_bits("patches"))
-    a, la = generate_bits(model, prompt, 12, temperature=0, use_cache=True, return_logits=True)
+    a, la = generate_bits(model, prompt, 12, temperature=0, use_cache=True, return_logits=True, draft=0)
     b, lb = generate_bits(model, prompt, 12, temperature=0, use_cache=False, return_logits=True)
     assert torch.equal(a, b) and torch.allclose(la, lb, atol=1e-4)
     cache = model.new_cache()
@@ -114,7 +114,7 @@ def test_bytes_drawn_whole_are_the_bits_drawn_one_by_one(decoder, P):
     torch.manual_seed(1)
     model = BitTransformerLM(**{**CFG, "patch_bytes": P, "local_decoder": decoder}).eval()
     prompt = torch.tensor(text_to_bits("whole bytes"))
-    runs = [generate_bits(model, prompt, 20, 0.0, 1.0, None, cache, True) for cache in (True, False)]
+    runs = [generate_bits(model, prompt, 20, 0.0, 1.0, None, cache, True, draft=0) for cache in (True, False)]
     assert torch.equal(runs[0][0], runs[1][0])
     assert torch.allclose(runs[0][1].log_softmax(-1), runs[1][1].log_softmax(-1), atol=1e-4)
     for prefix_text in ("whole bytes", "whole bytes!"):  # the next byte starts, or continues, a patch

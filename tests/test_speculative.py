@@ -8,7 +8,8 @@ import torch
 
 from bitlm import BitTransformerLM, TrainConfig, Trainer, bits_to_bytes, bytes_to_bits, generate_bits
 from bitlm.byte_patch import node_logits
-from bitlm.generate import PAUSE_STEPS, _draft, _draft_count, _lookup_draft, byte_log_probs, iter_generate
+from bitlm.gated import GateSettings, complete
+from bitlm.generate import GREEDY_DRAFT, PAUSE_STEPS, _draft, _draft_count, _lookup_draft, byte_log_probs, iter_generate
 
 CFG = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=9 * 48, dropout=0.0)
 PATTERN = b"the cat sat on the mat. "
@@ -46,15 +47,15 @@ def test_greedy_speculation_is_plain_greedy_decoding(ngrams):
     torch.manual_seed(1)
     model = BitTransformerLM(**CFG, arch="byte_patch", patch_bytes=1, ngram_sizes=ngrams).eval()
     prompt = torch.from_numpy(bytes_to_bits(PATTERN)).long()[None].repeat(2, 1)
-    plain = generate_bits(model, prompt, 120, temperature=0.0)
+    plain = generate_bits(model, prompt, 120, temperature=0.0, draft=0)
     spec = generate_bits(model, prompt, 120, temperature=0.0, draft=6)
     assert torch.equal(plain, spec)
 
 
-def test_greedy_speculation_on_a_trained_model_accepts_drafts(peaked):
-    prompt = torch.from_numpy(bytes_to_bits(PATTERN * 2)).long()[None]
+def _model_calls(model, run) -> int:
+    """How many model calls (forward or decode_bytes) ``run()`` makes."""
     calls = []
-    real = {name: getattr(peaked, name) for name in ("forward", "decode_bytes")}
+    real = {name: getattr(model, name) for name in ("forward", "decode_bytes")}
 
     def counting(name):
         def call(*a, **k):
@@ -64,17 +65,46 @@ def test_greedy_speculation_on_a_trained_model_accepts_drafts(peaked):
         return call
 
     for name in real:  # a model call is either
-        setattr(peaked, name, counting(name))
+        setattr(model, name, counting(name))
     try:
-        spec = generate_bits(peaked, prompt, 60, temperature=0.0, draft=6)
-        n_spec = len(calls)
-        calls.clear()
-        plain = generate_bits(peaked, prompt, 60, temperature=0.0)
+        run()
     finally:
         for name in real:
-            delattr(peaked, name)
-    assert torch.equal(plain, spec)
-    assert n_spec < len(calls) / 2  # most bytes came several to a model call
+            delattr(model, name)
+    return len(calls)
+
+
+def test_greedy_speculation_on_a_trained_model_accepts_drafts(peaked):
+    prompt = torch.from_numpy(bytes_to_bits(PATTERN * 2)).long()[None]
+    out = {}
+    n_spec = _model_calls(peaked, lambda: out.update(spec=generate_bits(peaked, prompt, 60, temperature=0.0, draft=6)))
+    n_plain = _model_calls(
+        peaked, lambda: out.update(plain=generate_bits(peaked, prompt, 60, temperature=0.0, draft=0))
+    )
+    assert torch.equal(out["plain"], out["spec"])
+    assert n_spec < n_plain / 2  # most bytes came several to a model call
+
+
+def test_greedy_decoding_speculates_by_default_and_sampling_does_not(peaked):
+    """draft=None (the default of generate_bits, iter_generate and so sample_text and
+    bitlm.gated): GREEDY_DRAFT drafts a call when every row is greedy, plain decoding (a call
+    a byte) when any row samples."""
+    prompt = torch.from_numpy(bytes_to_bits(PATTERN * 2)).long()[None]
+    bits, calls = {}, {}
+    for name, draft in (("default", None), ("spec", GREEDY_DRAFT), ("plain", 0)):
+        run = lambda n=name, d=draft: bits.update({n: generate_bits(peaked, prompt, 60, 0.0, draft=d)})  # noqa: E731
+        calls[name] = _model_calls(peaked, run)
+    assert calls["default"] == calls["spec"] < calls["plain"] / 2
+    assert torch.equal(bits["default"], bits["plain"])
+    gate = GateSettings(c_floor=0.0, s_floor=0.0, burn_in=0, max_retries=0)
+    done = {}
+    n_gated = _model_calls(peaked, lambda: done.update(c=complete(peaked, PATTERN * 2, 60, 0.0, gate=gate)))
+    assert n_gated < calls["plain"] / 2  # the one gated loop speculates too
+    assert done["c"].data == bits_to_bytes(bits["plain"][0, 9 * 48 :].numpy())
+    temps = torch.tensor([0.0, 1.0])  # one row samples: no row speculates
+    assert _model_calls(peaked, lambda: generate_bits(peaked, prompt.repeat(2, 1), 60, temps)) == calls["plain"]
+    g = torch.Generator().manual_seed(0)
+    assert _model_calls(peaked, lambda: generate_bits(peaked, prompt, 60, 1.0, generator=g)) == calls["plain"]
 
 
 def test_draft_length_starts_at_two_and_grows_to_the_limit(peaked):
