@@ -216,12 +216,14 @@ def stream_batch(
     seeds: list[int | None],
     gate: GateSettings | None = None,
     strategy: str = "sample",
+    draft: int | None = None,
 ) -> Iterator[list[ByteEvent | None]]:
     """One attempt for several requests whose prompts (bytes, or bits (B, 9n)) have the same
     length, decoded as one batch: each step yields one event per request (None once that
     request has finished). Each request keeps its own sampling settings, seed and gate, so its
     bytes equal what it would get alone (up to float rounding in batched matrix products).
-    ``strategy="diffusion"`` denoises instead (a batch of one: its request's seed)."""
+    ``strategy="diffusion"`` denoises instead (a batch of one: its request's seed). ``draft``:
+    iter_generate's (by default, one greedy request speculates)."""
     prompt_bits = _prompt_bits(prompts)
     gate = gate or GateSettings()
     device = next(model.parameters()).device
@@ -230,7 +232,9 @@ def stream_batch(
         steps = _diffusion_bytes(model, prompt_bits, max(max_new_bytes), _generators(seeds[:1], device)[0])
     else:
         temps, tops = torch.tensor(temperature, device=device), torch.tensor(top_p, device=device)
-        steps = iter_generate(model, prompt_bits, max(max_new_bytes), temps, tops, _generators(seeds, device))
+        steps = iter_generate(
+            model, prompt_bits, max(max_new_bytes), temps, tops, _generators(seeds, device), True, draft
+        )
     return _gated(model, prompt_bits, steps, max_new_bytes, gate)
 
 

@@ -87,7 +87,7 @@ class _Group:
         if shared is not None:
             self.steps = SharedGroup(shared, *args)
         else:
-            self.steps = stream_batch(model, *args, r[0]["strategy"])
+            self.steps = stream_batch(model, *args, r[0]["strategy"], draft=0)  # a forward pass a step
         self.open = [True] * len(jobs)
 
     def going_on(self) -> set[int]:

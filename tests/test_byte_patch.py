@@ -75,6 +75,8 @@ def test_cached_and_uncached_generation_agree(model):
     a, la = generate_bits(model, prompt, 12, temperature=0, use_cache=True, return_logits=True, draft=0)
     b, lb = generate_bits(model, prompt, 12, temperature=0, use_cache=False, return_logits=True)
     assert torch.equal(a, b) and torch.allclose(la, lb, atol=1e-4)
+    c, lc = generate_bits(model, prompt, 12, temperature=0, return_logits=True)  # the default: speculative
+    assert torch.equal(c, b) and torch.allclose(lc, lb, atol=1e-4)
     cache = model.new_cache()
     bits = _bits(batch=1)
     parts = [model(bits[:, :13], cache)[0]] + [model(bits[:, t : t + 5], cache)[0] for t in range(13, bits.size(1), 5)]

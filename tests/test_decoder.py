@@ -1,7 +1,7 @@
 """Serve's decoding loop (serve/decoder.py) on a real model, without Ray: requests that arrive
 together decode as one batch and each gets what it would alone; a request that arrives while
 others decode joins them at the next byte; a reader that leaves stops its rows; a refused
-request fails alone."""
+request fails alone; a greedy request decodes a forward pass a step (no speculation)."""
 
 import asyncio
 
@@ -150,3 +150,31 @@ def test_requests_that_do_not_fit_the_shared_batch_decode_in_at_most_two_groups_
     assert _three_groups(decoder, 150, 60, third_bytes=14) == ["second", "third"]  # it waited for a slot
     stats = decoder.stats()
     assert stats["batch_sizes"] == [1, 2, 2] and stats["forward_passes"] > stats["decoding_steps"]
+
+
+def test_a_greedy_request_of_its_own_decodes_plainly_a_forward_pass_a_step():
+    """Outside the shared batch a greedy request decodes without speculation (which bitlm's
+    in-process generation does by default), so the loop's forward-pass count stays true. The
+    model is trained on a repeated phrase, where speculation would take several bytes a call."""
+    import numpy as np
+
+    from bitlm import TrainConfig, Trainer, bytes_to_bits
+
+    torch.manual_seed(0)
+    small = BitTransformerLM(**{**CFG, "max_seq_len": 9 * 16}, arch="byte_patch", patch_bytes=1)
+    trainer, text = Trainer(small, TrainConfig(lr=3e-3, warmup_steps=5)), b"the cat sat on the mat. " * 8
+    for step in range(60):
+        rows = np.frombuffer(b"".join(text[s : s + 16] for s in range(step % 8, 160, 10)), np.uint8).reshape(16, 16)
+        trainer.train_step([torch.from_numpy(bytes_to_bits(rows)).long()])
+    small.eval()
+    decoder = Decoder(small, max_batch_size=8, wait_s=0.0)
+    assert not decoder.shared.fits(12, 40)
+    calls, real = [], small.decode_bytes
+    small.decode_bytes = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        got = asyncio.run(_whole(decoder, _request(b"the cat sat ", 40, 0, temperature=0.0)))
+    finally:
+        del small.decode_bytes
+    alone = bytes(e.byte for e in stream_bytes(small, b"the cat sat ", 40, 0.0, 1.0, 0, OPEN))
+    assert got == alone and b"mat" in got  # what bitlm gives it (speculating), and it learnt the phrase
+    assert len(calls) == 39  # a byte a call, but the last byte, which is never fed

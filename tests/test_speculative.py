@@ -87,8 +87,8 @@ def test_greedy_speculation_on_a_trained_model_accepts_drafts(peaked):
 
 def test_greedy_decoding_speculates_by_default_and_sampling_does_not(peaked):
     """draft=None (the default of generate_bits, iter_generate and so sample_text and
-    bitlm.gated): GREEDY_DRAFT drafts a call when every row is greedy, plain decoding (a call
-    a byte) when any row samples."""
+    bitlm.gated): up to GREEDY_DRAFT drafts a call for one greedy row, plain decoding (a call a
+    byte) for a sampled row or a batch."""
     prompt = torch.from_numpy(bytes_to_bits(PATTERN * 2)).long()[None]
     bits, calls = {}, {}
     for name, draft in (("default", None), ("spec", GREEDY_DRAFT), ("plain", 0)):
@@ -101,8 +101,9 @@ def test_greedy_decoding_speculates_by_default_and_sampling_does_not(peaked):
     n_gated = _model_calls(peaked, lambda: done.update(c=complete(peaked, PATTERN * 2, 60, 0.0, gate=gate)))
     assert n_gated < calls["plain"] / 2  # the one gated loop speculates too
     assert done["c"].data == bits_to_bytes(bits["plain"][0, 9 * 48 :].numpy())
-    temps = torch.tensor([0.0, 1.0])  # one row samples: no row speculates
-    assert _model_calls(peaked, lambda: generate_bits(peaked, prompt.repeat(2, 1), 60, temps)) == calls["plain"]
+    for temps in ([0.0, 0.0], [0.0, 1.0]):  # a batch decodes plainly (the slowest row's drafts bind all)
+        n = _model_calls(peaked, lambda t=temps: generate_bits(peaked, prompt.repeat(2, 1), 60, torch.tensor(t)))
+        assert n == calls["plain"]
     g = torch.Generator().manual_seed(0)
     assert _model_calls(peaked, lambda: generate_bits(peaked, prompt, 60, 1.0, generator=g)) == calls["plain"]
 
