@@ -6,9 +6,9 @@ The demo's size (d128 L4, 4 heads, 512 feed-forward), untrained weights: plain d
 same work whatever the weights say (speculative decoding does not, so it is measured on trained
 models, in benchmarks/quality.py). Greedy also times byte_patch with the library's default
 (``draft=None``: greedy decoding speculates), on these weights the case where drafts are
-rejected: what speculating costs when it does not pay. Models: the byte GPT (benchmarks/byte_gpt.py), the same with
-byte_patch's n-gram input embeddings, and BitTransformerLM(arch="byte_patch") as configs/small.yaml
-builds it. Each generates ``--new-bytes`` bytes after a 64-byte prompt through its KV cache,
+rejected: what speculating costs when it does not pay. Models: the byte GPT
+(benchmarks/byte_gpt.py), the same with byte_patch's n-gram input embeddings, and
+BitTransformerLM(arch="byte_patch") as configs/small.yaml builds it. Each generates ``--new-bytes`` bytes after a 64-byte prompt through its KV cache,
 sampled (temperature 1) and greedy; the runs of all models alternate, ``--repeats`` rounds, so
 a disturbance hits them alike; reported: the median and best bytes/s of each, and byte_patch's
 ratio to each GPT (of medians). Ratios within one run are what to compare.

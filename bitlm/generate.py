@@ -111,8 +111,8 @@ def iter_generate(
     plain decoding; None (the default): up to GREEDY_DRAFT for one greedy row (measured:
     README), else 0 (sampled drafts are seldom accepted)."""
     seq = _check_prompt(prompt_bits).to(next(model.parameters()).device)
-    greedy_one = seq.size(0) == 1 and bool((torch.as_tensor(temperature) <= 0).all())
-    draft = draft if draft is not None else GREEDY_DRAFT if greedy_one else 0
+    if draft is None:  # read the temperatures only when the caller left the choice
+        draft = GREEDY_DRAFT if seq.size(0) == 1 and bool((torch.as_tensor(temperature) <= 0).all()) else 0
     if draft and use_cache and getattr(model.io, "P", 0) == 1:
         yield from _speculate(model, seq, max_new_bytes, temperature, top_p, generator, draft)
         return

@@ -50,6 +50,24 @@ def learnable_windows(n: int = 64):
     return torch.stack([bits[9 * i : 9 * i + 90] for i in range(n)])
 
 
+def train_on_phrase(model, window: int, steps: int = 60):
+    """Train ``model`` (byte_patch) briefly on windows of ``window`` bytes at random places in a
+    short repeated phrase: its next-byte distributions become peaked (greedy text repeats the
+    phrase). Returns it in eval mode."""
+    import numpy as np
+    import torch
+
+    from bitlm import TrainConfig, Trainer, bytes_to_bits
+
+    trainer, text = Trainer(model, TrainConfig(lr=3e-3, warmup_steps=5)), b"the cat sat on the mat. " * 8
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(text) - window, (16,), generator=g).tolist()
+        rows = np.frombuffer(b"".join(text[s : s + window] for s in starts), np.uint8).reshape(16, window)
+        trainer.train_step([torch.from_numpy(bytes_to_bits(rows)).long()])
+    return model.eval()
+
+
 # -- the Serve application (shared by test_serve.py and test_playground.py) -------------------
 
 

@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 import torch
+from conftest import train_on_phrase
 
 from bitlm import BitTransformerLM
 from bitlm.gated import GateSettings, stream_bytes
@@ -156,17 +157,10 @@ def test_a_greedy_request_of_its_own_decodes_plainly_a_forward_pass_a_step():
     """Outside the shared batch a greedy request decodes without speculation (which bitlm's
     in-process generation does by default), so the loop's forward-pass count stays true. The
     model is trained on a repeated phrase, where speculation would take several bytes a call."""
-    import numpy as np
-
-    from bitlm import TrainConfig, Trainer, bytes_to_bits
-
     torch.manual_seed(0)
-    small = BitTransformerLM(**{**CFG, "max_seq_len": 9 * 16}, arch="byte_patch", patch_bytes=1)
-    trainer, text = Trainer(small, TrainConfig(lr=3e-3, warmup_steps=5)), b"the cat sat on the mat. " * 8
-    for step in range(60):
-        rows = np.frombuffer(b"".join(text[s : s + 16] for s in range(step % 8, 160, 10)), np.uint8).reshape(16, 16)
-        trainer.train_step([torch.from_numpy(bytes_to_bits(rows)).long()])
-    small.eval()
+    small = train_on_phrase(
+        BitTransformerLM(**{**CFG, "max_seq_len": 9 * 16}, arch="byte_patch", patch_bytes=1), 16, 80
+    )
     decoder = Decoder(small, max_batch_size=8, wait_s=0.0)
     assert not decoder.shared.fits(12, 40)
     calls, real = [], small.decode_bytes

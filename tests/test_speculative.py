@@ -2,11 +2,11 @@
 model's reference bigrams and verified in one model call give the same greedy output as plain
 decoding, and samples from the same distribution."""
 
-import numpy as np
 import pytest
 import torch
+from conftest import train_on_phrase
 
-from bitlm import BitTransformerLM, TrainConfig, Trainer, bits_to_bytes, bytes_to_bits, generate_bits
+from bitlm import BitTransformerLM, bits_to_bytes, bytes_to_bits, generate_bits
 from bitlm.byte_patch import node_logits
 from bitlm.gated import GateSettings, complete
 from bitlm.generate import GREEDY_DRAFT, PAUSE_STEPS, _draft, _draft_count, _lookup_draft, byte_log_probs, iter_generate
@@ -20,16 +20,7 @@ def peaked():
     """A tiny byte-patch model trained briefly on a repeated phrase: its next-byte
     distributions are peaked, so drafts from the context are often (not always) accepted."""
     torch.manual_seed(0)
-    model = BitTransformerLM(**CFG, arch="byte_patch", patch_bytes=1, ngram_sizes=[2, 3])
-    trainer = Trainer(model, TrainConfig(lr=3e-3, warmup_steps=5))
-    text = PATTERN * 8
-    g = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        starts = torch.randint(0, len(text) - 40, (16,), generator=g).tolist()
-        windows = [text[s : s + 40] for s in starts]
-        rows = np.frombuffer(b"".join(windows), np.uint8).reshape(16, 40)
-        trainer.train_step([torch.from_numpy(bytes_to_bits(rows)).long()])
-    return model.eval()
+    return train_on_phrase(BitTransformerLM(**CFG, arch="byte_patch", patch_bytes=1, ngram_sizes=[2, 3]), 40)
 
 
 def test_lookup_draft_continues_the_latest_match():
