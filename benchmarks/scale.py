@@ -11,15 +11,19 @@
    other work on the machine not counted), by kind of process at its peak. Goal: <= 2 GB.
 3. prepare's throughput: MB of corpus text per second of prepare() (the figure the CLI
    prints: a fresh cluster, Ray's own start excluded, its first tasks' worker start-up
-   included), and in steady state (a second preparation in the same cluster). Goal >= 10 MB/s.
+   included), the median of ``--prepare-runs`` such runs (each a fresh cluster; memory: the
+   worst), and in steady state (a second preparation in the same cluster). Goal >= 10 MB/s.
+   ``--cold`` (root) first drops the page cache and prepares once more, as the first run after
+   a boot does, reading Ray's, the libraries' and the corpus's files from disk (not in the goal).
    ``--compare-with REV`` prepares the same corpus with REV's pipelines/ first, for figures
    before and after, and checks that both hold the same documents, split and windows.
 4. Rank 0's RSS over each training run (its RayTrainWorker process, read from /proc) at its
-   first and last step (the steps' MLflow timestamps).
+   first, middle and last step (the steps' MLflow timestamps). Flat: the last within 10% of
+   the middle (the first steps still warm up: Ray Data's first blocks, the allocator).
 5. The one-file corpus: its pieces' split, and that every window lies inside one piece, of
    the split its shard belongs to, with the file's bytes at that place.
 
-    python benchmarks/scale.py --out benchmarks/results/scale.json [--corpus-mb 80] [--compare-with REV]
+    python benchmarks/scale.py --out benchmarks/results/scale.json [--corpus-mb 80] [--cold] [--compare-with REV]
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import gzip
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -172,7 +177,7 @@ def check_one_file(data_dir: Path, source: Path) -> dict:
 
 
 def rank0_rss(train: dict, run_id: str, env: dict) -> dict:
-    """Rank 0's RSS (its pid from its "workers on nodes" line) at its first and last step."""
+    """Rank 0's RSS (its pid from its "workers on nodes" line) at its first, middle and last step."""
     from mlflow.tracking import MlflowClient
 
     ansi = re.compile(r"\x1b\[[0-9;]*m")
@@ -199,6 +204,7 @@ def rank0_rss(train: dict, run_id: str, env: dict) -> dict:
         "rss_at_middle_step_mb": round(middle / MB),
         "rss_at_last_step_mb": round(last / MB),
         "rss_growth_mb": round((last - first) / MB),
+        "rss_growth_from_middle_mb": round((last - middle) / MB),
         "rss_peak_mb": round(max(r for _, r in samples) / MB),
         "training_seconds": round((history[-1].timestamp - history[0].timestamp) / 1000, 1),
     }
@@ -241,7 +247,11 @@ def main() -> None:
     ap.add_argument("--corpus-mb", type=float, default=80, help="the many-file corpus (goal: >= 64)")
     ap.add_argument("--one-file-mb", type=float, default=24, help="the single-file corpus (goal: >= 20)")
     ap.add_argument("--one-file-chunk-bytes", type=int, help="data.chunk_bytes for it (default: the config's)")
-    ap.add_argument("--steps", type=int, default=30, help="training steps")
+    ap.add_argument("--prepare-runs", type=int, default=3, help="fresh-cluster preparations of the corpus (median)")
+    ap.add_argument(
+        "--cold", action="store_true", help="first, a preparation after dropping the page cache (root): as after a boot"
+    )
+    ap.add_argument("--steps", type=int, default=150, help="training steps")
     ap.add_argument("--eval-max-bytes", type=int, default=131072, help="evaluate.py --max-bytes")
     ap.add_argument("--compare-with", metavar="REV", help="also prepare with this git revision's pipelines/")
     ap.add_argument("--steady", nargs=3, metavar=("CONFIG", "INPUT", "OUT"), help=argparse.SUPPRESS)
@@ -284,7 +294,17 @@ def main() -> None:
             base = _export(args.compare_with, tmp / "base")
             steps["prepare_before"] = prepare("prepare_before", base, cfg, tmp / "prepared-before", size)
             steps["prepare_before"]["revision"] = args.compare_with
+        if args.cold:  # Ray's, the libraries' and the corpus's files read from disk again
+            os.sync()
+            Path("/proc/sys/vm/drop_caches").write_text("3\n")
+            steps["prepare_cold"] = prepare("prepare_cold", prep, cfg, tmp / "prepared-cold", size)
         steps["prepare"] = prepare("prepare", prep, cfg, tmp / "prepared", size)
+        runs = [steps["prepare"]] + [
+            prepare(f"prepare_again_{i}", prep, cfg, tmp / f"prepared-{i}", size) for i in range(1, args.prepare_runs)
+        ]
+        keys = ("seconds", "prepare_seconds", "MBps", "machine_peak_above_baseline_mb", "process_tree_pss_peak_mb")
+        steps["prepare"]["runs"] = [{k: r[k] for k in keys} for r in runs]
+        steps["prepare"]["MBps_median"] = statistics.median(r["MBps"] for r in runs)
         twice = [py, __file__, "--steady", args.config, str(corpus), str(tmp / "steady")]
         steps["prepare_twice_in_one_cluster"] = step = run_measured(
             "prepare_twice", twice, env, tmp / "twice.log", ROOT
@@ -325,8 +345,8 @@ def main() -> None:
         result["steps"] = {k: public(v) for k, v in steps.items()}
         result["leftover_processes_ended"] = end_leftovers(tmp)
     result["machine"]["after"] = machine_load()
-    loads = result["machine"]["before"]["loadavg_1_5_15"][0], result["machine"]["after"]["loadavg_1_5_15"][0]
-    result["machine"]["shared_with_other_work"] = max(loads) > 1.5
+    # The load before: other work (the load after is this run's own).
+    result["machine"]["shared_with_other_work"] = result["machine"]["before"]["loadavg_1_5_15"][0] > 1.0
     from bitlm.config import load_config, to_dict
 
     result["data_config"] = {"config": Path(args.config).name, **to_dict(load_config(args.config).data)}
@@ -343,11 +363,15 @@ def goals(result: dict) -> dict[str, bool]:
         "one_file_ge_20MB": result["one_file"]["bytes"] >= 20 * MB,
     }
     for name in ("prepare", "prepare_one_file", "train", "train_one_file", "evaluate"):
-        out[f"{name}_memory_le_2GB"] = s[name]["machine_peak_above_baseline_mb"] * MB <= 2 * GB
-        out[f"{name}_process_tree_pss_le_2GB"] = s[name]["process_tree_pss_peak_mb"] * MB <= 2 * GB
-    out["prepare_ge_10MBps"] = s["prepare"]["MBps"] >= 10
-    out["rank0_rss_flat_within_10pct"] = (
-        "rss_growth_mb" in rank0 and abs(rank0["rss_growth_mb"]) <= 0.1 * rank0["rss_at_first_step_mb"]
+        runs = s[name].get("runs", [s[name]])  # every fresh-cluster preparation: the worst of them
+        out[f"{name}_memory_le_2GB"] = max(r["machine_peak_above_baseline_mb"] for r in runs) * MB <= 2 * GB
+        out[f"{name}_process_tree_pss_le_2GB"] = max(r["process_tree_pss_peak_mb"] for r in runs) * MB <= 2 * GB
+    out["prepare_ge_10MBps"] = s["prepare"]["MBps_median"] >= 10
+    # Flat after the warm-up: from the middle step to the last (the first steps run while Ray
+    # Data's first blocks arrive and the allocator grows: rss_growth_mb has that too).
+    out["rank0_rss_flat_from_middle_within_10pct"] = (
+        "rss_growth_from_middle_mb" in rank0
+        and abs(rank0["rss_growth_from_middle_mb"]) <= 0.1 * rank0["rss_at_middle_step_mb"]
     )
     bad = one["windows_crossing_a_piece"] + one["pieces_in_the_wrong_split"] + one["windows_not_the_files_bytes"]
     out["one_file_splits_apart"] = min(one["windows"].values()) > 0 and bad == 0 and one["pieces_cover_the_file"]
@@ -362,8 +386,12 @@ def table(result: dict) -> str:
     ]
     for name, step in s.items():
         rate = step.get("MBps", "")
+        if "runs" in step:  # the median of the fresh-cluster runs, and each
+            rate = f"{step['MBps_median']} (runs: {', '.join(str(r['MBps']) for r in step['runs'])})"
+        runs = step.get("runs", [step])  # memory: the worst run
+        machine = max(r["machine_peak_above_baseline_mb"] for r in runs)
         lines.append(
-            f"| {name} | {step['seconds']} | {rate} | {step['machine_peak_above_baseline_mb']} | {step['process_tree_pss_peak_mb']} |"
+            f"| {name} | {step['seconds']} | {rate} | {machine} | {max(r['process_tree_pss_peak_mb'] for r in runs)} |"
         )
     r = s["train"]["rank0"]
     one = result["checks"]["one_file"]
