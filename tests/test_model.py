@@ -161,3 +161,22 @@ def test_infer_long_sequence_windows_past_the_context():
     assert torch.allclose(out[:, 100], model(bits[:, 36:108])[0][:, 100 - 36], atol=1e-6)
     with pytest.raises(ValueError, match="stride"):
         infer_long_sequence(model, bits, chunk_size=72, stride=0)
+
+
+@pytest.mark.parametrize("arch", ["bit", "byte_patch"])
+def test_dropout_acts_in_training_at_the_probability_set_dropout_gives(arch):
+    """Dropout is skipped only where it is the identity: training at p > 0 draws new masks
+    (two passes differ), eval and p = 0 do not; set_dropout's p is the one that counts."""
+    from bitlm import set_dropout
+
+    bits = torch.tensor(text_to_bits("dropout draws masks in training. "))[None, :135]
+    model = BitTransformerLM(**{**TINY, "arch": arch})  # built at p = 0
+    model.train()
+    assert torch.equal(model(bits)[0], model(bits)[0])
+    set_dropout(model, 0.3)
+    assert not torch.equal(model(bits)[0], model(bits)[0])
+    model.eval()
+    assert torch.equal(model(bits)[0], model(bits)[0])
+    model.train()
+    set_dropout(model, 0.0)
+    assert torch.equal(model(bits)[0], model(bits)[0])
