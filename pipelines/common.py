@@ -61,8 +61,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = False) -> None:
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "2")
         # The raylet keeps up to one idle worker process per logical CPU (~100-150 MB each,
         # holding the modules of the tasks they ran) after Ray Data's tasks end; with no such
-        # floor an idle worker exits after 1 s unless it owns objects in use. Measured (README):
-        # 0.5 GB less PSS in a training run, 0.1-0.4 GB in a preparation, no slower.
+        # floor an idle worker exits after 1 s unless it owns objects in use. Measured (README,
+        # benchmarks/scale.py): 0.4 GB less PSS in a preparation, 0.25 GB in training, no slower.
         os.environ.setdefault("RAY_num_workers_soft_limit", "0")
         # The dashboard serves the state API that Ray Train's placement-group cleaner polls.
         ray.init(
