@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import TrainConfig
-from .model import unwrap
+from .model import apply_dropout, unwrap
 from .objectives import BitObjective, Plan
 from .telemetry import logit_telemetry
 
@@ -160,7 +160,7 @@ class _Stage(nn.Module):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=self.amp):
             if self.first:
                 x, _ = self.io.embed(x, None, self.causal)
-                x = self.drop(x + self.pos_emb(torch.arange(x.size(1), device=x.device)))
+                x = apply_dropout(self.drop, x + self.pos_emb(torch.arange(x.size(1), device=x.device)))
             for block in self.blocks:
                 if self.use_checkpoint and self.training:
                     x = checkpoint(_run_block, block, x, self.causal, use_reentrant=False)

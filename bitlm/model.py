@@ -43,7 +43,7 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
-def _drop(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+def apply_dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     """``drop(x)``, skipped where it is the identity (eval mode, or p = 0; set_dropout changes p):
     a module call costs a few microseconds, and a decoding step at 4 layers makes 9."""
     return drop(x) if drop.training and drop.p else x
@@ -63,10 +63,10 @@ class Block(nn.Module):
 
     def f(self, x: torch.Tensor, cache=None, layer: int = 0, need_weights: bool = False, causal: bool = True):
         y, att = self.attn(self.ln1(x), cache, layer, need_weights, causal)
-        return _drop(self.drop, y), att
+        return apply_dropout(self.drop, y), att
 
     def g(self, x: torch.Tensor) -> torch.Tensor:
-        return _drop(self.drop, self.mlp(self.ln2(x)))
+        return apply_dropout(self.drop, self.mlp(self.ln2(x)))
 
     def forward(self, x: torch.Tensor, cache=None, layer: int = 0, need_weights: bool = False, causal: bool = True):
         a, att = self.f(x, cache, layer, need_weights, causal)
@@ -265,7 +265,7 @@ class BitTransformerLM(nn.Module):
             positions = start[:, None] + torch.arange(x.size(1), device=x.device)
         else:
             positions = torch.arange(start, start + x.size(1), device=x.device)
-        x = _drop(self.drop, x + self.pos_emb(positions))
+        x = apply_dropout(self.drop, x + self.pos_emb(positions))
         if not x.size(1):  # byte_patch: the new bits complete no patch, the local decoder alone answers
             return x, [], []
         h, acts, atts = self._run_blocks(x, cache, need_weights, causal, keep_acts)
