@@ -120,9 +120,10 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(evaluate(model, val_w, batch_size=32))
     if rank == 0:
         base = unwrap(model)
-        last = history.steps[-1]
+        last = next(r for r in reversed(history.steps) if "K" in r)  # K, C, S: measured on logged steps
         print(
-            f"\n{result['steps']} steps, final loss {result['loss']:.4f}, K {last['K']:.3f} C {last['C']:.3f} S {last['S']:.3f}"
+            f"\n{result['steps']} steps, final loss {result['loss']:.4f}; at step {last['step']}: "
+            f"K {last['K']:.3f} C {last['C']:.3f} S {last['S']:.3f}"
         )
         if "val_bpb" in result:
             print(f"validation bits/byte {result['val_bpb']:.3f}")

@@ -306,8 +306,8 @@ def make_pipeline(
         inputs, targets, mask = packed[:, 0], packed[:, 1], packed[:, 2].bool()
         with torch.autocast(h.device.type, dtype=torch.bfloat16, enabled=stage_module.amp):
             logits = stage_module.io.logits(h, inputs, None, plan.causal).float()
-        telemetry = logit_telemetry(logits, inputs, 0, plan.causal, grad, model.reference)
-        micro = Plan(inputs, targets, mask if plan.mask is not None else None, plan.causal, plan.stats)
+        telemetry = logit_telemetry(logits, inputs, 0, plan.causal, grad, model.reference) if plan.telemetry else {}
+        micro = Plan(inputs, targets, mask if plan.mask is not None else None, plan.causal, plan.stats, plan.telemetry)
         loss, stats = objective.loss(logits, telemetry, micro)
         pipeline.micro_stats.append(stats)
         return loss * (scale / n_micro)  # the schedule sums micro-batch gradients (scale_grads=False)

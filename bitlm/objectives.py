@@ -153,13 +153,14 @@ class Plan:
     ``inputs`` (B, T) are the bits it reads, ``targets`` (B, T) the bits it is scored on:
     target t is predicted by ``logits[:, t - 1]`` when ``causal`` (target 0 by nothing) and by
     ``logits[:, t]`` when denoising. ``mask`` (B, T) marks the targets that carry loss (None:
-    all of them)."""
+    all of them). ``telemetry``: whether the forward pass measures K, C, S."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor | None
     causal: bool
     stats: dict[str, float] = field(default_factory=dict)
+    telemetry: bool = True
 
 
 class BitObjective:
@@ -194,6 +195,15 @@ class BitObjective:
         check_cpu_generator(generator, "BitObjective")
         self._generator = generator
 
+    def measures_telemetry(self, step: int) -> bool:
+        """Whether the micro-batches of the step after ``step`` steps measure K, C, S: when a
+        regularizer needs them (a lambda > 0), else only on the steps that are logged (the
+        first and every ``train.log_every``-th, as train_loop and the Ray workers log them).
+        Measuring costs host-side LZ76 parses, a sizeable part of a small model's step on a
+        CPU, for numbers nobody reads on the other steps."""
+        m = self.model_config
+        return m.lambda_K > 0 or m.lambda_C > 0 or m.lambda_S > 0 or step == 0 or (step + 1) % self.cfg.log_every == 0
+
     def _draw(self, p: float) -> bool:
         return p > 0 and float(torch.rand((), generator=self.generator)) < p
 
@@ -206,6 +216,7 @@ class BitObjective:
         compressed, direct = self._draw(compress_p), self._draw(cfg.direct_prob)
         stats = {"compressed": float(compressed), "direct": float(direct), "compress_p": compress_p, "seq_bits": T}
         stats["denoise"] = 0.0
+        telemetry = self.measures_telemetry(step)
         mask = None
         if compressed:
             batch, mask = compressed_batch(batch)
@@ -213,14 +224,14 @@ class BitObjective:
             data = data_bit_mask(T, batch.device).expand(B, T)
             mask = data if mask is None else mask & data
         if not (cfg.diffusion and self._draw(cfg.diffusion_prob)):
-            return Plan(batch, batch, mask, True, stats)
+            return Plan(batch, batch, mask, True, stats, telemetry)
         scale = diffusion_noise_scale(step, self.total_steps) if cfg.diffusion_curriculum else 1.0
         levels = diffusion_levels(B, cfg.noise_schedule, scale, self.generator)
         # Noise is drawn on the batch's device (no host round trip) from a seed the CPU generator gives.
         seed = int(torch.randint(0, 2**62, (), generator=self.generator)) + self.rank
         noise = torch.Generator(device=batch.device).manual_seed(seed)
         stats["noise_scale"], stats["denoise"] = scale, 1.0
-        return Plan(corrupt(batch, levels.to(batch.device), noise), batch, mask, False, stats)
+        return Plan(corrupt(batch, levels.to(batch.device), noise), batch, mask, False, stats, telemetry)
 
     def loss(self, logits: torch.Tensor, telemetry: dict[str, Any], plan: Plan) -> tuple[torch.Tensor, dict[str, Any]]:
         if plan.causal:
@@ -228,14 +239,14 @@ class BitObjective:
             loss = _masked_mean(_ce(logits[:, :-1], plan.targets[:, 1:]), mask)
         else:
             loss = _masked_mean(_ce(logits, plan.targets), plan.mask)
-        stats = {**plan.stats, "loss": loss.item(), **telemetry_summary(telemetry)}
+        stats = {**plan.stats, "loss": loss.item(), **(telemetry_summary(telemetry) if telemetry else {})}
         if plan.causal and plan.mask is None:  # a plain next-bit batch (compression comes masked)
             stats.update(bits_per_byte(logits.detach(), plan.targets))
         return loss + telemetry_penalty(self.model_config, telemetry), stats
 
     def __call__(self, forward: Callable, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
         plan = self.plan(batch, step)
-        logits, telemetry = forward(plan.inputs, causal=plan.causal)
+        logits, telemetry = forward(plan.inputs, causal=plan.causal, telemetry=plan.telemetry)
         return self.loss(logits, telemetry, plan)
 
 

@@ -214,7 +214,7 @@ class Trainer:
         if self.pipeline is not None:
             return self.pipeline.run(self.objective, plan, scale, self.cfg.amp)
         with amp:
-            logits, telemetry = self.forward(plan.inputs, causal=plan.causal)
+            logits, telemetry = self.forward(plan.inputs, causal=plan.causal, telemetry=plan.telemetry)
             loss, stats = self.objective.loss(logits, telemetry, plan)
         (loss * scale).backward()
         return stats

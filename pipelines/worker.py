@@ -298,6 +298,7 @@ def _train(w: Worker, loop_config: dict[str, Any]) -> None:
     fail_marker = Path(loop_config["run_dir"]) / ".injected_failure" if cfg.run.fail_at_step else None
     done = w.trainer.step >= total
     last_eval: dict[str, float] = {}
+    last_telemetry: dict[str, float] = {}  # K, C, S as last measured (on logged steps: BitObjective)
     evaluated = False
     if w.growth is not None:
         last_eval, evaluated = _log_growth(w, val, log), True
@@ -325,7 +326,8 @@ def _train(w: Worker, loop_config: dict[str, Any]) -> None:
             metrics.update(step=step, epoch=w.epoch, seconds=w.seconds)
             if log is not None:  # MLflow gets validation metrics at the steps they were measured
                 log.log({k: v for k, v in {**metrics, **(last_eval if fresh else {})}.items() if k != "step"}, step)
-            metrics.update(last_eval)  # every Ray report carries them (Tune's schedulers rank by them)
+            last_telemetry.update({k: record[k] for k in ("K", "C", "S") if k in record})
+            metrics.update({**last_telemetry, **last_eval})  # every Ray report carries them (Tune ranks by them)
             if done and log is not None:  # the tracker's account rides on the final report
                 metrics.update(_close_log(log))
                 log = None

@@ -37,6 +37,18 @@ def test_plain_objective_is_the_next_bit_loss_and_reports_bpb():
     assert {"K", "C", "S", "loss", "parity_bpb", "seq_bits"} <= stats.keys()
 
 
+def test_telemetry_is_measured_on_logged_steps_or_when_a_regularizer_needs_it():
+    torch.manual_seed(0)
+    batch = learnable_windows(8)
+    cfg = TrainConfig(log_every=5)
+    model = BitTransformerLM(**TINY)
+    measured = [s for s in range(12) if {"K", "C", "S"} <= _loss(model, cfg, batch, s)[1].keys()]
+    assert measured == [0, 4, 9]  # steps 1, 5 and 10 once done: the ones train_loop logs
+    assert "K" not in _loss(model, TrainConfig(log_every=1000), batch, 3)[1]
+    regularized = BitTransformerLM(**TINY, lambda_C=0.1)
+    assert {"K", "C", "S"} <= _loss(regularized, cfg, batch, 3)[1].keys()
+
+
 def test_regularizers_change_the_gradient():
     torch.manual_seed(0)
     data = learnable_windows(8)
