@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bitlm.byte_patch import NgramEmbedding
 from bitlm.config import ModelConfig
 from bitlm.model import Block
+from bitlm.ngrams import NgramEmbedding
 
 
 class ByteGPT(nn.Module):
@@ -28,9 +28,11 @@ class ByteGPT(nn.Module):
         dropout: float = 0.0,
         ngram_sizes: list[int] | None = None,
         ngram_vocab: int = 8192,
+        ngram_dropout: float = 0.0,
     ):
         """``ngram_sizes``: the byte_patch model's hashed n-gram embeddings on the input too (the
-        ablation that says how much of a difference is the n-grams and how much the bits)."""
+        ablation that says how much of a difference is the n-grams and how much the bits), with
+        its ``ngram_dropout``."""
         super().__init__()
         cfg = ModelConfig(
             d_model=d_model,
@@ -41,7 +43,7 @@ class ByteGPT(nn.Module):
             dropout=dropout,
         )
         self.byte_emb = nn.Embedding(256, d_model)
-        self.ngram_emb = NgramEmbedding(ngram_sizes, ngram_vocab, d_model) if ngram_sizes else None
+        self.ngram_emb = NgramEmbedding(ngram_sizes, ngram_vocab, d_model, ngram_dropout) if ngram_sizes else None
         self.pos_emb = nn.Embedding(max_bytes, d_model)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(num_layers)])
         self.ln_f = nn.LayerNorm(d_model)

@@ -31,6 +31,10 @@ class BitIO(nn.Module):
         """Parameters the input side uses (the first pipeline stage's)."""
         return {"node_emb.weight", "prev_emb.weight", "bit_emb.weight", "mode_emb"}
 
+    def tied_parameter_names(self) -> set[str]:
+        """Input-side parameters the output side uses too: none."""
+        return set()
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.max_positions = self.max_bits = cfg.max_seq_len

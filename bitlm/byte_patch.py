@@ -6,8 +6,9 @@ bytes instead of one per bit, and the bits are decoded locally:
 
 - Global input: position 0 is a learned start vector; position k >= 1 embeds patch k-1, the
   sum over its bytes j of a (byte position j, byte value) table row (the row index is a
-  function of the 8 data bits, so the input is still bits). The global output h_k has seen
-  patches < k only and predicts patch k.
+  function of the 8 data bits, so the input is still bits) and of the hashed n-grams ending at
+  each of them (bitlm.ngrams). The global output h_k has seen patches < k only and predicts
+  patch k.
 - Local decoder: byte j of patch k is decoded from ``c = h_k + (local context of the bytes of
   patch k before j)``, bit by bit, each bit's distribution conditioned on the bits of the byte
   seen so far. Two decoders (``local_decoder``):
@@ -21,8 +22,11 @@ bytes instead of one per bit, and the bits are decoded locally:
     conditionals multiply back to exactly q. It costs one 256-way projection per byte.
 
   Either way the 256 byte probabilities are the products along each path, so they sum to 1.
-  With P > 1, the local context of byte j is ``LayerNorm(pos[j] + sum of (position, value)
-  embeddings of bytes 0..j-1 of the patch)`` passed through a small MLP.
+  With P > 1, the local context of byte j is ``x = LayerNorm(pos[j] + sum of (position,
+  value) embeddings of bytes 0..j-1 of the patch + the n-grams ending at the byte before)``,
+  then ``x + MLP(x)``. The n-grams (the same table as the input's) are the fix for "patch
+  lag": h_k knows nothing of patch k, so without them byte j saw its patch's earlier bytes
+  only as a bag of embeddings, and P = 4 lost clearly to P = 1 (README).
 - Parity: never predicted. Its distribution is set from the 8 data bits with probability 1
   for the correct bit (logits 0 and -1e4), so it costs 0 bits and generation always passes
   the parity check.
@@ -37,8 +41,8 @@ bit t itself, as for ``arch="bit"``.
 Causality: the logit at bit position t (predicting bit t+1) uses only bits <= t: h for the
 patch holding bit t+1 sees earlier patches, the local context sees earlier bytes of the patch,
 and the tree node uses the earlier bits of the byte. Incremental decoding keeps the global KV
-cache, the output h of the current patch and the bits of the unfinished patch; a byte costs
-1/P of a global step plus 8 tree lookups.
+cache, the output h of the current patch and the unfinished patch (as bits, or as the byte
+values decoding feeds); a byte costs 1/P of a global step plus the local decoder.
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bits import BYTE_BITS
 from .config import ModelConfig
+from .ngrams import NgramEmbedding
 
 PARITY_LOGIT = 1e4
 _PLACE = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])
@@ -75,7 +81,7 @@ class BytePatchIO(nn.Module):
 
     # What a decoding row carries between bytes in its cache's state, one entry per row: the
     # context of its unfinished patch and its n-gram history (bitlm.batching moves these).
-    ROW_STATE = ("h", "ngram_hist")
+    ROW_STATE = ("h", "ngram_hist", "tail_values")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -89,7 +95,7 @@ class BytePatchIO(nn.Module):
         self.byte_emb = nn.Embedding(256 * self.P, d)  # (byte position in patch, value)
         self.ngram_sizes = list(cfg.ngram_sizes or [])
         if self.ngram_sizes:
-            self.ngram_emb = NgramEmbedding(self.ngram_sizes, cfg.ngram_vocab, d)
+            self.ngram_emb = NgramEmbedding(self.ngram_sizes, cfg.ngram_vocab, d, cfg.ngram_dropout)
         if self.P > 1:
             self.local_emb = nn.Embedding(256 * self.P, d)  # earlier bytes of the patch, for the decoder
             self.local_pos_emb = nn.Embedding(self.P, d)
@@ -108,6 +114,11 @@ class BytePatchIO(nn.Module):
         names = {"bos_emb.weight", "byte_emb.weight"} | ({"mode_emb"} if self.mode_emb is not None else set())
         return names | ({"ngram_emb.weight"} if self.ngram_sizes else set())
 
+    def tied_parameter_names(self) -> set[str]:
+        """Input-side parameters the output side uses too (the last pipeline stage's): with
+        several bytes per patch the local decoder reads the n-gram table."""
+        return {"ngram_emb.weight"} if self.ngram_sizes and self.P > 1 else set()
+
     # -- input ------------------------------------------------------------------------------
 
     def embed(self, bits: torch.Tensor, cache, causal: bool = True):
@@ -125,9 +136,10 @@ class BytePatchIO(nn.Module):
         if cache is None:
             ctx, start = bits, 0
         else:
-            tail = cache.state.get("tail")
+            tail = self._tail_bits(cache)
             ctx = bits if tail is None else torch.cat([tail, bits], 1)
             start = cache.length
+            cache.state["ctx_hist"] = cache.state.get("ngram_hist")  # the n-gram history before ctx
         n_complete = ctx.size(1) // self.patch_bits
         parts = []
         if start == 0:
@@ -148,21 +160,61 @@ class BytePatchIO(nn.Module):
 
     def embed_bytes(self, values: torch.Tensor, cache):
         """Decoding's short way in: global inputs (B, n, C) and the first one's position (an int,
-        or the rows' own (B,) in a cache of rows at different positions) for
-        whole bytes ``values`` (B, n) fed through ``cache``, which must hold whole patches of one
-        byte (P = 1), as generation's does; what embed() gives for the bytes' bits, without
-        reading bits (generation drew the bytes, so there is nothing to check or unpack)."""
-        if self.P != 1 or (cache.state.get("tail") is not None and cache.state["tail"].size(1)):
-            raise ValueError("embed_bytes feeds whole patches of one byte (patch_bytes=1, at a byte boundary)")
+        or the rows' own (B,) in a cache of rows at different positions) for whole bytes
+        ``values`` (B, n) fed through ``cache`` at a byte boundary; what embed() gives for the
+        bytes' bits, without reading bits (generation drew the bytes, so there is nothing to
+        check or unpack). With one byte per patch every byte is a global input; with several,
+        ``values`` is one byte (B, 1), kept in the unfinished patch until it completes one (then
+        the patch's input, (B, 1, C); else none, (B, 0, C))."""
         if cache.length == 0:
             raise ValueError(
                 "embed_bytes continues a sequence: feed its first bytes through forward (the start vector)"
             )
-        x = self.byte_emb(values)
+        start = cache.length if cache.lengths is None else cache.lengths
+        if self.P > 1:
+            if values.size(1) != 1:
+                raise ValueError("with several bytes per patch, embed_bytes takes one byte a call")
+            values = torch.cat([self.patch_so_far(cache), values], 1)  # (B, j + 1): the patch so far
+            cache.state["tail"] = None
+            if values.size(1) < self.P:  # the patch goes on: no global input yet
+                cache.state["tail_values"] = values  # kept as values: decoding reads them so
+                return self.bos_emb.weight.new_zeros(values.size(0), 0, self.bos_emb.embedding_dim), start
+            x = self.byte_emb(values + 256 * torch.arange(self.P, device=values.device)).sum(1, keepdim=True)
+        else:
+            tail = cache.state.get("tail")
+            if tail is not None and tail.size(1):
+                raise ValueError("whole bytes only: the sequence so far ends inside a byte")
+            x = self.byte_emb(values)
         if self.ngram_sizes:
             x = x + self._ngrams(values, cache)
-        cache.state["tail"] = None
-        return x, (cache.length if cache.lengths is None else cache.lengths)
+        cache.state["tail"] = cache.state["tail_values"] = None
+        return x, start
+
+    @staticmethod
+    def _tail_bits(cache) -> torch.Tensor | None:
+        """The bits of the unfinished patch, which decoding may have kept as byte values."""
+        values = cache.state.pop("tail_values", None)
+        if values is not None:
+            cache.state["tail"] = BYTE_BITS.to(values.device)[values].flatten(1)
+        return cache.state.get("tail")
+
+    @staticmethod
+    def patch_so_far(cache) -> torch.Tensor:
+        """The values (B, j) of the unfinished patch's bytes, kept so in the cache from here on
+        (decoding's form); the sequence must end on a byte."""
+        values = cache.state.get("tail_values")
+        if values is not None:
+            return values
+        tail = cache.state.get("tail")
+        if tail is not None and tail.size(1) % 9:
+            raise ValueError("whole bytes only: the sequence so far ends inside a byte")
+        if tail is None or not tail.size(1):
+            h = cache.state["h"]
+            values = torch.zeros(h.size(0), 0, dtype=torch.long, device=h.device)
+        else:
+            values = _byte_values(tail)
+        cache.state["tail"], cache.state["tail_values"] = None, values
+        return values
 
     def _ngrams(self, values: torch.Tensor, cache) -> torch.Tensor:
         """The n-gram embeddings of bytes ``values`` (B, N), summed per patch (B, N / P, C); the
@@ -187,10 +239,10 @@ class BytePatchIO(nn.Module):
             return self._marginal_logits(h, bits)
         if cache is None:
             return self._local_logits(h, bits)
-        ctx = cache.state.pop("ctx")
+        ctx, hist = cache.state.pop("ctx"), cache.state.pop("ctx_hist", None)
         prev = cache.state.get("h")
         h_all = h if prev is None else torch.cat([prev, h], 1)
-        out = self._local_logits(h_all, ctx)[:, -bits.size(1) :]
+        out = self._local_logits(h_all, ctx, hist)[:, -bits.size(1) :]
         cache.state["h"] = h_all[:, -1:]  # the context of the unfinished patch
         return out
 
@@ -198,6 +250,7 @@ class BytePatchIO(nn.Module):
         """What logits() keeps in the cache, without computing any logits; the new positions'
         outputs as ``h_all`` (speculative decoding reads the byte distribution after each)."""
         cache.state.pop("ctx", None)
+        cache.state.pop("ctx_hist", None)
         if h.size(1):
             cache.state["h"] = h[:, -1:]
         cache.state["h_all"] = h
@@ -209,8 +262,9 @@ class BytePatchIO(nn.Module):
             before = cache.state.get("ngram_hist_before")
             cache.state["ngram_hist"] = self.ngram_emb.history(kept, before)
 
-    def _local_logits(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-        """Logits for bits (B, L) that start at the patch whose context is h[:, 0]."""
+    def _local_logits(self, h: torch.Tensor, bits: torch.Tensor, hist: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits for bits (B, L) that start at the patch whose context is h[:, 0], after the
+        n-gram history ``hist`` (None: a window's start)."""
         B, L = bits.shape
         n_bytes = L // 9 + 1  # the byte of the last target (bit L) too
         padded = F.pad(bits, (0, 9 * n_bytes - L))
@@ -218,7 +272,7 @@ class BytePatchIO(nn.Module):
         byte_pos = torch.arange(n_bytes, device=bits.device)
         c = h[:, byte_pos // self.P]  # (B, n_bytes, C) the patch context of each byte
         if self.P > 1:
-            c = c + self._patch_context(values)
+            c = c + self._local_context(values, hist)
         # targets p = 1..L: byte p // 9, phase p % 9
         p = torch.arange(1, L + 1, device=bits.device)
         byte, phase = p // 9, p % 9
@@ -243,14 +297,9 @@ class BytePatchIO(nn.Module):
         """The next byte's distribution, log q (B, 256), from the cache alone: drawing a byte
         from it is drawing its bits one by one through the model (their conditionals multiply
         back to q), without a model call per bit."""
-        h = cache.state["h"][:, 0]  # (B, C): the context of the unfinished patch
-        tail = cache.state.get("tail")
-        j = 0 if tail is None else tail.size(1) // 9  # the next byte's position in its patch
-        c = h
+        c = cache.state["h"][:, 0]  # (B, C): the context of the unfinished patch
         if self.P > 1:
-            before = tail if tail is not None else h.new_zeros(h.size(0), 0, dtype=torch.long)
-            values = _byte_values(F.pad(before, (0, 9)))  # (B, j + 1): the last is a placeholder
-            c = c + self._patch_context(values)[:, j]
+            c = c + self._next_local_context(self.patch_so_far(cache), cache.state.get("ngram_hist"))
         return self._byte_log_probs(c)
 
     def _byte_log_probs(self, c: torch.Tensor) -> torch.Tensor:
@@ -270,7 +319,7 @@ class BytePatchIO(nn.Module):
         values = _byte_values(F.pad(bits, (0, 9 * n_bytes - T)))  # the noisy bytes as read
         c = h[:, torch.arange(n_bytes, device=bits.device) // self.P]
         if self.P > 1:
-            c = c + self._patch_context(values)
+            c = c + self._local_context(values, None)
         return self._byte_log_probs(c)
 
     def _marginal_logits(self, h: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
@@ -287,59 +336,39 @@ class BytePatchIO(nn.Module):
         log0 = torch.cat([log0, torch.log1p(-odd.exp().clamp(max=1 - 1e-6))[..., None]], -1)
         return torch.stack([log0, log1], -1).view(B, -1, 2)[:, :T]
 
-    def _patch_context(self, values: torch.Tensor) -> torch.Tensor:
-        """Local context (B, n_bytes, C): byte j of a patch sees bytes 0..j-1 of its patch."""
+    def _local_context(self, values: torch.Tensor, hist: torch.Tensor | None) -> torch.Tensor:
+        """Local context (B, n_bytes, C) of bytes ``values`` (B, n_bytes) that start a patch after
+        the n-gram history ``hist`` (None: a window's start): byte j of a patch sees its
+        position, bytes 0..j-1 of its patch and, with n-grams, the n-grams ending at the byte
+        before it, which may sit in the patch before. That last term is what the global context
+        h of a patch lacks for its later bytes ("patch lag": h has seen only earlier patches)."""
         B, n = values.shape
         j = torch.arange(n, device=values.device) % self.P
         e = self.local_emb(values + 256 * j)  # (B, n, C)
         pad = (-n) % self.P
         e = F.pad(e, (0, 0, 0, pad)).view(B, -1, self.P, e.size(-1))
         before = e.cumsum(2) - e  # sum of the earlier bytes of the same patch
-        before = before.view(B, -1, e.size(-1))[:, :n]
-        x = self.ln_local(before + self.local_pos_emb(j))
+        x = before.view(B, -1, e.size(-1))[:, :n] + self.local_pos_emb(j)
+        if self.ngram_sizes:
+            x = x + self.ngram_emb(values, hist, before=True)[0][:, :n]  # row i: ending at byte i - 1
+        return self._local_mix(x)
+
+    def _next_local_context(self, before: torch.Tensor, hist: torch.Tensor | None) -> torch.Tensor:
+        """_local_context's row (B, C) for the byte after ``before`` (B, j), the j < P bytes of its
+        patch so far: decoding's, each term made for that byte alone."""
+        j = before.size(1)
+        x = self.local_pos_emb.weight[j]
+        if j:
+            x = x + self.local_emb(before + 256 * torch.arange(j, device=before.device)).sum(1)
+        if self.ngram_sizes:
+            x = x + self.ngram_emb(before, hist, before=True)[0][:, -1]  # ending at the byte before
+        return self._local_mix(x)
+
+    def _local_mix(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln_local(x)
         return x + self.local_proj(F.gelu(self.local_fc(x)))
 
 
-class NgramEmbedding(nn.Embedding):
-    """Hashed byte n-gram embeddings (after BLT's hash n-gram embeddings, arXiv 2412.09871):
-    byte t's vector is the sum, over each size n in ``sizes``, of a row chosen by a hash of the
-    n bytes ending at t, one table of ``vocab`` rows per size (collisions share a row). Bytes
-    before a window's start count as the value 256, so a window's first bytes have n-grams of
-    their own. Causal by construction: byte t's n-grams end at t. It gives the model a byte's
-    local context as an input rather than something attention must first learn to gather."""
-
-    def __init__(self, sizes: list[int], vocab: int, d: int):
-        super().__init__(len(sizes) * vocab, d)
-        self.sizes, self.vocab, self.hist = list(sizes), vocab, max(sizes) - 1
-        # Horner's rule over the window (bytes t-hist..t) as one product: size n weighs byte
-        # t-j by 257^(n-1-j), the bytes before the n-gram by 0 (int64 wraps: it is only hashed)
-        powers = torch.zeros(len(sizes), self.hist + 1, dtype=torch.long)
-        for i, n in enumerate(self.sizes):
-            powers[i, self.hist + 1 - n :] = 257 ** torch.arange(n)
-        self.register_buffer("powers", powers, persistent=False)
-        self.register_buffer("offsets", torch.arange(len(sizes)) * vocab, persistent=False)
-
-    def forward(self, values: torch.Tensor, hist: torch.Tensor | None = None):
-        """(embeddings (B, N, C) of bytes ``values`` (B, N), the last ``max(sizes) - 1``
-        bytes (B, H) to pass as ``hist`` with the bytes that follow)."""
-        full = self._full(values, hist)
-        window = full.unfold(1, self.hist + 1, 1)  # (B, N, hist + 1)
-        x = (window[:, :, None, :] * self.powers).sum(-1)  # (B, N, sizes): each n-gram as a number
-        rows = torch.remainder((x * _HASH_MUL) >> 17, self.vocab) + self.offsets
-        return super().forward(rows).sum(-2), full[:, full.size(1) - self.hist :]
-
-    def history(self, values: torch.Tensor, hist: torch.Tensor | None = None) -> torch.Tensor:
-        """The history after bytes ``values`` that followed ``hist``."""
-        full = self._full(values, hist)
-        return full[:, full.size(1) - self.hist :]
-
-    def _full(self, values: torch.Tensor, hist: torch.Tensor | None) -> torch.Tensor:
-        if hist is None:
-            hist = values.new_full((values.size(0), self.hist), 256)
-        return torch.cat([hist, values], 1)
-
-
-_HASH_MUL = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64 (Fibonacci hashing)
 _VALUES = torch.arange(256)
 _DEPTH = torch.arange(8)
 _TREE_NODES = (1 << _DEPTH) - 1 + (_VALUES[:, None] >> (8 - _DEPTH))  # (256, 8) node at each depth

@@ -170,7 +170,7 @@ def read_config(directory: str | Path) -> dict[str, Any]:
 
 # A checkpoint records every model setting its bitlm knew; one it lacks did not exist when it
 # was written, and gets the value that was the behaviour then (not today's default).
-ABSENT_MEANS: dict[str, Any] = {"ngram_sizes": [], "attn_dropout": 0.0, "mode_embedding": False}
+ABSENT_MEANS: dict[str, Any] = {"ngram_sizes": [], "ngram_dropout": 0.0, "attn_dropout": 0.0, "mode_embedding": False}
 
 
 def read_checkpoint(

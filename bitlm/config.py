@@ -48,6 +48,9 @@ class ModelConfig:
     # size. None: the architecture's default (ARCH_DEFAULTS).
     ngram_sizes: list[int] | None = None
     ngram_vocab: int = 8192
+    # While training, each n-gram row a byte reads is left out with this probability (the rest
+    # scaled up): the tables memorize a small corpus otherwise. None: the architecture's default.
+    ngram_dropout: float | None = None
     chunk_size: int | None = None  # local attention window (positions); None = full causal
     reversible: bool = False
     use_checkpoint: bool = False
@@ -81,6 +84,10 @@ class ModelConfig:
             raise ConfigError("model.ngram_sizes needs arch=byte_patch: the bit model embeds bits, not bytes")
         if self.ngram_vocab < 1:
             raise ConfigError(f"model.ngram_vocab must be >= 1, got {self.ngram_vocab}")
+        if self.ngram_dropout is not None and not 0.0 <= self.ngram_dropout < 1.0:
+            raise ConfigError(f"model.ngram_dropout must be in [0, 1), got {self.ngram_dropout}")
+        if self.ngram_dropout and self.ngram_sizes == []:
+            raise ConfigError("model.ngram_dropout needs n-grams: model.ngram_sizes is empty")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError(f"model.chunk_size must be >= 1 or null, got {self.chunk_size}")
         if self.arch not in ("bit", "byte_patch"):
@@ -100,16 +107,17 @@ class ModelConfig:
         """This config with every setting left to the architecture (None) set from
         ARCH_DEFAULTS: what a model is built from and what its checkpoint records. (Kept None
         until then, so that an override of ``model.arch`` brings that architecture's defaults.)"""
-        return dataclasses.replace(
-            self, **{k: v for k, v in ARCH_DEFAULTS[self.arch].items() if getattr(self, k) is None}
-        )
+        left = {k: v for k, v in ARCH_DEFAULTS[self.arch].items() if getattr(self, k) is None}
+        if "ngram_dropout" in left and not (self.ngram_sizes if self.ngram_sizes is not None else left["ngram_sizes"]):
+            left["ngram_dropout"] = 0.0  # no n-grams to drop
+        return dataclasses.replace(self, **left)
 
 
 # The settings that depend on the architecture, where a config leaves them None. byte_patch's
 # are what benchmarks/quality.py measured best at equal time (README, "Bits at byte-level cost").
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "bit": {"dropout": 0.1, "ngram_sizes": []},
-    "byte_patch": {"dropout": 0.0, "ngram_sizes": [2, 3, 4]},
+    "bit": {"dropout": 0.1, "ngram_sizes": [], "ngram_dropout": 0.0},
+    "byte_patch": {"dropout": 0.0, "ngram_sizes": [2, 3, 4], "ngram_dropout": 0.5},
 }
 
 

@@ -182,7 +182,8 @@ class PipelineModel:
     step's stats are returned on every rank. Gradients accumulate across calls, scaled by
     ``scale``, so a Trainer accumulates micro-batches as it does for one process.
     ``train_step(bits)`` is the guide's form: the batch rank 0 holds, the plain next-bit
-    objective, one call; it returns the mean loss. Step the optimizer over ``parameters()``.
+    objective, one call; it returns the mean loss. Step the optimizer over ``parameters()``
+    (after ``sync_tied_gradients()`` when gradients come from ``run``).
     """
 
     def __init__(self, stage: _Stage, schedule, rank: int, world_size: int, base, first_block: int = 0):
@@ -196,6 +197,22 @@ class PipelineModel:
 
     def parameters(self):
         return self.stage.parameters()
+
+    def sync_tied_gradients(self) -> None:
+        """Sum the gradients of the parameters both the first stage (input) and the last
+        (output) train (``io.tied_parameter_names``) over the stages, so every copy takes the
+        same update: the tie Megatron-style pipelines keep for tied embeddings. Collective."""
+        for name in sorted(self.stage.io.tied_parameter_names()):
+            p = self.stage.io.get_parameter(name)
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(grad, group=self.group)
+            p.grad = grad
+
+    def norm_parameters(self) -> list[nn.Parameter]:
+        """The parameters whose gradients this stage counts in the global norm: a tied
+        parameter's (summed, the same on every stage) on the first stage only."""
+        tied = {id(self.stage.io.get_parameter(n)) for n in self.stage.io.tied_parameter_names()}
+        return [p for p in self.stage.parameters() if self.rank == 0 or id(p) not in tied]
 
     def named_parameters(self):
         return self.stage.named_parameters()
@@ -245,10 +262,14 @@ class PipelineModel:
         return merged
 
     def train_step(self, bits: torch.Tensor | None) -> float:
+        """Forward and backward of one batch; the gradients it leaves are a whole step's (tied
+        ones summed over the stages): step the optimizer, and zero them, before the next."""
         bits = _broadcast_batch(bits, self.rank, next(self.stage.parameters()).device)
         if self._plain is None:
             self._plain = BitObjective(TrainConfig(), self.config)
-        return self.run(self._plain, Plan(bits, bits, None, True))["loss"]
+        loss = self.run(self._plain, Plan(bits, bits, None, True))["loss"]
+        self.sync_tied_gradients()
+        return loss
 
 
 def _broadcast_batch(bits: torch.Tensor | None, rank: int, device: torch.device) -> torch.Tensor:

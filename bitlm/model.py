@@ -24,7 +24,6 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache
 from .bit_arch import BitIO
-from .bits import BYTE_BITS
 from .byte_patch import BytePatchIO
 from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .config import ModelConfig
@@ -209,10 +208,11 @@ class BitTransformerLM(nn.Module):
         (its first bytes go through forward) and return the distribution of the byte after
         each, log q (B, n, 256): generation's step for ``arch="byte_patch"``, equal to feeding
         their bits to ``forward(..., decode=False)`` and reading ``io.next_byte_log_probs(cache)``
-        after each. With one byte per patch the bytes go in as values (``io.embed_bytes``),
-        skipping the per-bit checks and unpacking that a byte the caller drew does not need;
-        with several, as bits, one byte at a time. A cache of rows at different positions
-        (bitlm.batching) takes one byte a row (n = 1)."""
+        after each. The bytes go in as values (``io.embed_bytes``), skipping the per-bit checks
+        and unpacking that a byte the caller drew does not need: with one byte per patch all n
+        in one global step; with several, a byte at a time, the global step run only when a
+        byte completes a patch. A cache of rows at different positions (bitlm.batching) takes
+        one byte a row (n = 1)."""
         if cache.lengths is not None and values.size(1) != 1:
             raise ValueError(
                 f"a cache of rows at different positions takes one byte a row a call, not {values.size(1)}"
@@ -222,23 +222,27 @@ class BitTransformerLM(nn.Module):
                 f"decode_bytes is arch='byte_patch''s decoding step; arch={self.config.arch!r} decodes bits"
             )
         if self.io.P != 1:
-            table, out = BYTE_BITS.to(values.device), []
-            for v in values.unbind(1):
-                self(table[v], cache, telemetry=False, decode=False)
-                out.append(self.io.next_byte_log_probs(cache))
-            return torch.stack(out, 1)
+            if values.size(1) == 1:
+                return self._decode_patch_byte(values, cache)[:, None]
+            return torch.stack([self._decode_patch_byte(v[:, None], cache) for v in values.unbind(1)], 1)
         with self._autocast(values):
             x, start = self.io.embed_bytes(values, cache)
             h = self._blocks_from(x, start, cache, False, True, False)[0]
         self.io.advance(h, cache)
         log_q = self.io._byte_log_probs(h)  # as next_byte_log_probs reads it: outside autocast
-        if cache.lengths is not None:  # rows at their own positions: one byte each
-            cache.lengths = cache.lengths + 1  # a new tensor: the cache's mask of the step is stale
-            cache.length += 1
-        else:
-            cache.length += h.size(1)
+        _count_positions(cache, h.size(1))
         cache.bits_seen += 9 * values.size(1)
         return log_q
+
+    def _decode_patch_byte(self, value: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """decode_bytes for one byte (B, 1) with several bytes per patch: log q (B, 256)."""
+        with self._autocast(value):
+            x, start = self.io.embed_bytes(value, cache)
+            if x.size(1):  # the byte completed a patch: one global step
+                self.io.advance(self._blocks_from(x, start, cache, False, True, False)[0], cache)
+                _count_positions(cache, 1)
+        cache.bits_seen += 9
+        return self.io.next_byte_log_probs(cache)
 
     def _autocast(self, bits: torch.Tensor):
         # use_autocast turns CPU bf16 on; off, it leaves a caller's autocast (amp) alone: a
@@ -300,6 +304,14 @@ class BitTransformerLM(nn.Module):
             if att is not None:
                 atts.append(att.detach())
         return x, acts, atts
+
+
+def _count_positions(cache: KVCache, n: int) -> None:
+    """Count ``n`` new global positions in ``cache`` (one a row in a cache of rows at their
+    own positions)."""
+    if cache.lengths is not None and n:
+        cache.lengths = cache.lengths + n  # a new tensor: the cache's mask of the step is stale
+    cache.length += n
 
 
 def _check_bits(bits: Any) -> torch.Tensor:

@@ -61,13 +61,18 @@ def lr_at(
 
 
 def clip_gradients(
-    parameters: Sequence[nn.Parameter], max_norm: float, group: Any = None, device: torch.device | None = None
+    parameters: Sequence[nn.Parameter],
+    max_norm: float,
+    group: Any = None,
+    device: torch.device | None = None,
+    measured: Sequence[nn.Parameter] | None = None,
 ) -> float:
     """Scale the gradients so that their global L2 norm is at most ``max_norm`` (0: only
     measure it); return the norm before clipping. FSDP2's sharded gradients are measured whole.
-    With ``group`` (the pipeline's process group) the parameters are one stage's disjoint part
-    of the model: the squared norms of all stages are summed."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    With ``group`` (the pipeline's process group) the parameters are one stage's part of the
+    model: the squared norms of all stages are summed, each over its ``measured`` parameters
+    (default: all; a tied parameter is measured on one stage)."""
+    grads = [p.grad for p in (parameters if measured is None else measured) if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=device)
     if hasattr(norm, "full_tensor"):  # a DTensor: the norm over every shard
         norm = norm.full_tensor()
@@ -188,8 +193,11 @@ class Trainer:
             with _grad_sync(self.model, i == n - 1):
                 records.append(self._micro_step(batch, 1.0 / n))
             n_bits += batch.size(0) * records[-1].get("seq_bits", batch.size(1))
-        group = self.pipeline.group if self.pipeline is not None else None
-        grad_norm = clip_gradients(list(self.module.parameters()), self.cfg.grad_clip, group, device)
+        group = measured = None
+        if self.pipeline is not None:
+            self.pipeline.sync_tied_gradients()
+            group, measured = self.pipeline.group, self.pipeline.norm_parameters()
+        grad_norm = clip_gradients(list(self.module.parameters()), self.cfg.grad_clip, group, device, measured)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._record_data()

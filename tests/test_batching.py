@@ -62,14 +62,41 @@ def _shared(model) -> tuple[dict[int, list], SharedBatch, int]:
     return {i: _events(e) for i, e in got.items()}, shared, most
 
 
-@pytest.mark.parametrize("overrides", [{}, {"chunk_size": 8}, {"local_decoder": "tree", "ngram_sizes": None}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"chunk_size": 8}, {"local_decoder": "tree", "ngram_sizes": None}, {"patch_bytes": 4}, {"patch_bytes": 3}],
+)
 def test_rows_that_join_and_leave_at_different_steps_get_what_they_get_alone(overrides):
+    """With several bytes per patch the rows sit at different places in their patches (the
+    prompts' lengths differ): lanes, each with its own global steps."""
     model = _model(**overrides)
     got, shared, most = _shared(model)
     for i, request in enumerate(REQUESTS):
         assert got[i] == _alone(model, request), f"request {i}"
         assert len(got[i]) == request[1]
-    assert most == 5 and len(shared) == 0 and shared.cache is None  # all five decoded together; all left
+    assert most == 5 and len(shared) == 0 and shared.lanes == []  # all five decoded together; all left
+
+
+def test_with_several_bytes_per_patch_a_step_runs_the_global_model_for_one_lane():
+    """Rows at P places in their patches: each step feeds every lane its bytes (one call a
+    lane), and only the lane whose patches complete runs a global step; a new row joins the
+    lane at its place."""
+    model = _model(patch_bytes=4)
+    shared = SharedBatch(model)
+    for prompt in (b"abcd", b"abcde", b"abcdef", b"abcdefgh"):  # places 0, 1, 2 and 0 again
+        SharedGroup(shared, [prompt], [20], [1.0], [1.0], [0], OPEN)
+    assert [(lane.place, len(lane.ids)) for lane in shared.lanes] == [(0, 2), (1, 1), (2, 1)]
+    steps = []
+    real = model._blocks_from
+    model._blocks_from = lambda x, *a, _f=real: steps.append(x.size(0)) or _f(x, *a)
+    for _ in range(4):
+        shared.draw()
+        shared.feed(set(shared.ids))
+    assert steps == [1, 1, 2]  # place 3 -> 0: the row at 2, then the one at 1, then the two at 0
+    assert [(lane.place, len(lane.ids)) for lane in shared.lanes] == [(0, 2), (1, 1), (2, 1)]
+    shared.draw()
+    shared.feed({shared.lanes[1].ids[0], *shared.lanes[0].ids})  # the row at place 2 leaves
+    assert [(lane.place, len(lane.ids)) for lane in shared.lanes] == [(1, 2), (2, 1)]
 
 
 def test_a_batch_step_is_one_forward_pass_for_every_row():
@@ -82,12 +109,13 @@ def test_a_batch_step_is_one_forward_pass_for_every_row():
     shared.draw()
     shared.feed(set(shared.ids))
     assert calls == [(2, 1)]
-    assert shared.lengths == shared.cache.lengths.tolist() == [1 + 3 + 1, 1 + 12 + 1]  # start, prompt, byte fed
+    (lane,) = shared.lanes
+    assert lane.lengths == lane.cache.lengths.tolist() == [1 + 3 + 1, 1 + 12 + 1]  # start, prompt, byte fed
 
 
 def test_what_cannot_be_batched_so_is_refused_by_name():
     torch.manual_seed(0)
-    with pytest.raises(ValueError, match="patch_bytes=1"):
+    with pytest.raises(ValueError, match="arch='byte_patch'"):
         SharedBatch(BitTransformerLM(**CFG))  # arch="bit" decodes bit by bit
     model = _model()
     shared = SharedBatch(model)
@@ -99,8 +127,9 @@ def test_what_cannot_be_batched_so_is_refused_by_name():
     SharedGroup(shared, [b"abcdef"], [3], [1.0], [1.0], [0], OPEN)
     shared.draw()
     shared.feed(set(shared.ids))
+    (lane,) = shared.lanes
     with pytest.raises(ValueError, match="different positions"):
-        model(torch.zeros(2, 9, dtype=torch.long), shared.cache)  # only decode_bytes feeds such a cache
+        model(torch.zeros(2, 9, dtype=torch.long), lane.cache)  # only decode_bytes feeds such a cache
     with pytest.raises(ValueError, match="one byte a row"):
-        model.decode_bytes(torch.zeros(2, 2, dtype=torch.long), shared.cache)
-    assert not shared.log_q.requires_grad and shared.cache.k[0].grad_fn is None  # nothing kept for a backward
+        model.decode_bytes(torch.zeros(2, 2, dtype=torch.long), lane.cache)
+    assert not lane.log_q.requires_grad and lane.cache.k[0].grad_fn is None  # nothing kept for a backward

@@ -155,6 +155,45 @@ def test_decode_bytes_is_feeding_the_bytes_bits(model):
         assert torch.allclose(model(tail, fast)[0], model(tail, slow)[0], atol=1e-5)
 
 
+def test_ngram_rows_of_the_byte_before_and_the_history_carried():
+    """NgramEmbedding's ``before`` row is the n-grams ending at the byte before the values (what
+    the local decoder reads), and a history carried between calls gives what one call gives."""
+    from bitlm.ngrams import NgramEmbedding
+
+    torch.manual_seed(0)
+    emb = NgramEmbedding([2, 3, 4], 64, 8).eval()
+    values = torch.randint(0, 256, (2, 12))
+    whole, hist = emb(values)
+    ext, _ = emb(values, before=True)
+    assert torch.equal(ext[:, 1:], whole)
+    first, mid = emb(values[:, :5])
+    rest, hist2 = emb(values[:, 5:], mid, before=True)
+    assert torch.allclose(torch.cat([first, rest[:, 1:]], 1), whole) and torch.equal(hist2, hist)
+    assert torch.allclose(rest[:, 0], first[:, -1])  # the row before byte 5: the n-grams ending at byte 4
+
+
+def test_ngram_dropout_leaves_rows_out_in_training_only_and_keeps_the_mean():
+    from bitlm.ngrams import NgramEmbedding
+
+    torch.manual_seed(0)
+    emb = NgramEmbedding([2, 3], 64, 8, dropout=0.5)
+    values = torch.randint(0, 256, (1, 6))
+    emb.eval()
+    kept = emb(values)[0]
+    assert torch.equal(emb(values)[0], kept)
+    emb.train()
+    with torch.no_grad():
+        draws = torch.stack([emb(values)[0] for _ in range(4000)])
+    assert not torch.equal(draws[0], draws[1])
+    # each of the 2 rows kept with probability 1/2, scaled by 2: the mean is the sum kept in eval
+    assert torch.allclose(draws.mean(0), kept, atol=0.1 * float(kept.abs().max()))
+    model = BitTransformerLM(**CFG, patch_bytes=2, ngram_sizes=[2, 3], ngram_dropout=0.5).train()
+    bits = _bits(batch=1)
+    assert not torch.equal(model(bits)[0], model(bits)[0])
+    model.eval()
+    assert torch.equal(model(bits)[0], model(bits)[0])
+
+
 def test_decode_bytes_is_byte_patchs_only_and_continues_a_sequence():
     model = BitTransformerLM(**{**CFG, "arch": "bit"}).eval()
     with pytest.raises(ValueError, match="decodes bits"):

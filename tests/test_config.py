@@ -93,6 +93,8 @@ def test_ngram_embeddings_are_checked_when_loaded():
         (["model.ngram_sizes=[3, 3]"], "distinct sizes"),
         (["model.ngram_sizes=[2]", "model.arch=bit"], "needs arch=byte_patch"),
         (["model.ngram_vocab=0"], "ngram_vocab must be >= 1"),
+        (["model.ngram_dropout=1.0"], "ngram_dropout must be in"),
+        (["model.ngram_dropout=0.3", "model.ngram_sizes=[]"], "ngram_dropout needs n-grams"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["model.arch=byte_patch", *bad])
@@ -112,6 +114,9 @@ def test_settings_left_to_the_architecture_follow_it():
     model = BitTransformerLM(d_model=32, nhead=4, num_layers=1, dim_feedforward=64, max_seq_len=90, arch="byte_patch")
     assert model.config.dropout == 0.0 and hasattr(model.io, "ngram_emb")
     assert BitTransformerLM(config=ModelConfig(arch="byte_patch", dropout=0.2, ngram_sizes=[])).config.dropout == 0.2
+    assert model.config.ngram_dropout == ARCH_DEFAULTS["byte_patch"]["ngram_dropout"] == 0.5
+    assert bit.ngram_dropout == 0.0  # no n-grams, nothing to drop
+    assert ModelConfig(arch="byte_patch", ngram_sizes=[]).resolved().ngram_dropout == 0.0
 
 
 def test_a_shard_of_no_rows_is_refused_by_name():

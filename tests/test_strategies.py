@@ -22,7 +22,8 @@ from bitlm.schedules import sequence_length
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 STEPS, B = 2, 4
-MODEL = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=90, dropout=0.0)
+# No dropout of either kind: each process would draw its own masks
+MODEL = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=90, dropout=0.0, ngram_dropout=0.0)
 TRAIN = dict(lr=1e-2, grad_clip=0.0)
 
 # name -> (model overrides, train overrides, strategies that honour it)
@@ -40,6 +41,9 @@ CASES = {
     "checkpointing": ({"use_checkpoint": True}, {}, ("ddp", "fsdp", "pipeline")),
     "reversible": ({"reversible": True}, {}, ("ddp",)),
     "byte_patch": ({"arch": "byte_patch", "patch_bytes": 2}, {}, ("ddp", "fsdp", "pipeline")),
+    # the pipeline's n-gram table is tied between its first stage and the local decoder's last:
+    # the global norm counts it once
+    "byte_patch_clip": ({"arch": "byte_patch", "patch_bytes": 2}, {"grad_clip": 0.05}, ("ddp", "pipeline")),
     "compile": ({}, {"compile_model": True}, ("ddp", "fsdp")),
     "fused_adamw": ({}, {"fused_adamw": True}, ("ddp", "fsdp", "pipeline")),
 }
@@ -170,7 +174,7 @@ def test_setting_is_honoured_under_strategy(runs, name, strategy):
     for counts, modes in zip(runs[(name, strategy)]["reference"], runs[(name, strategy)]["modes"]):
         assert torch.equal(counts.cpu(), single.reference.counts) and modes == sorted(single.trained_modes)
     if name != "plain":  # the setting changed what training did
-        plain = runs[("plain", strategy)]["state"] if name != "byte_patch" else None
+        plain = runs[("plain", strategy)]["state"] if not name.startswith("byte_patch") else None
         if name == "compile":  # same weights, computed by compiled code
             assert _max_diff(got, plain) < tolerance and runs[(name, strategy)]["compiled"]
         elif name == "fused_adamw":  # same weights, updated by one fused kernel (on DTensor shards under fsdp)
