@@ -1,7 +1,8 @@
 """Quality at equal time and at equal FLOPs: the byte-level GPT against BitTransformerLM.
 
     python benchmarks/quality.py [--minutes 5] [--corpus pydoc,vimdoc] [--device cpu|cuda]
-                                 [--models byte_gpt,byte_gpt_ngram,byte_patch] [--out benchmarks/results/quality.json]
+                                 [--models byte_gpt,byte_gpt_ngram,byte_patch] [--patch-bytes 4,1]
+                                 [--out benchmarks/results/quality.json]
 
 For each corpus (benchmarks/corpora.py: the built-in pydoc topics, and Vim's help files from
 another domain) and one after another on the same split and the same wall-clock budget, each
@@ -12,7 +13,9 @@ models through the one objective (bitlm.objectives), the byte GPT through its ow
 - ``byte_gpt_ngram``: the same with byte_patch's hashed n-gram input embeddings, the ablation
   that says how much of byte_patch's lead is the n-grams rather than the bits;
 - ``byte_patch``: BitTransformerLM(arch="byte_patch") as configured (``--patch-bytes``,
-  ``--ngrams``, ``--dropout``; the defaults are the shipped configs');
+  ``--ngrams``, ``--dropout``; the defaults are the shipped configs'); ``--patch-bytes`` may list
+  several patch sizes, each trained in turn (``byte_patch_P<n>`` after the first, which the
+  goals are read for);
 - ``bit``: BitTransformerLM(arch="bit"), the guide's one position per bit.
 
 All at the same d_model and depth. Reported per corpus, in one JSON and one markdown table:
@@ -44,16 +47,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from byte_gpt import ByteGPT, ByteObjective, byte_nll  # noqa: E402
 from corpora import CORPORA  # noqa: E402
+from generation import bytes_per_call, generation_speed, sync_device  # noqa: E402
 
-from bitlm import BitTransformerLM, TrainConfig, Trainer  # noqa: E402
+from bitlm import BitTransformerLM, TrainConfig, Trainer, load_config  # noqa: E402
 from bitlm.bits import byte_tensor_to_bits  # noqa: E402
-from bitlm.generate import generate_bits  # noqa: E402
 from bitlm.objectives import nll_sums  # noqa: E402
 from pipelines.evaluate import compressor_bpb  # noqa: E402
 
 LN2 = math.log(2)
 SETUP = dict(d_model=128, nhead=4, num_layers=4, dim_feedforward=512, window=256, batch=16, lr=3e-3, warmup=30)
-GEN_BYTES = 192  # after a 64-byte prompt: the 256-byte window the byte GPT was built for
+SHIPPED = load_config(ROOT / "configs" / "small.yaml").model
 
 
 def matmul_peak_flops(device: torch.device, threads: int) -> float:
@@ -64,24 +67,25 @@ def matmul_peak_flops(device: torch.device, threads: int) -> float:
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
     for i in range(13):
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter()
         a @ b
-        _sync(device)
+        sync_device(device)
         if i >= 3:
             best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+def patch_size(kind: str, opts: dict) -> int:
+    """byte_patch's patch size for model name ``kind`` ("byte_patch": the first listed)."""
+    return int(kind.removeprefix("byte_patch_P")) if kind.startswith("byte_patch_P") else opts["patch_bytes"][0]
 
 
 def build(kind: str, s: dict, opts: dict):
     if kind.startswith("byte_gpt"):
         ngrams = opts["ngrams"] if kind == "byte_gpt_ngram" else None
-        return ByteGPT(s["d_model"], s["nhead"], s["num_layers"], s["dim_feedforward"], s["window"], ngram_sizes=ngrams)
+        size = (s["d_model"], s["nhead"], s["num_layers"], s["dim_feedforward"], s["window"])
+        return ByteGPT(*size, ngram_sizes=ngrams, ngram_dropout=opts["ngram_dropout"])
     cfg = dict(
         d_model=s["d_model"],
         nhead=s["nhead"],
@@ -92,13 +96,18 @@ def build(kind: str, s: dict, opts: dict):
     )
     if kind == "bit":
         return BitTransformerLM(**cfg, arch="bit")
-    return BitTransformerLM(**cfg, arch="byte_patch", patch_bytes=opts["patch_bytes"], ngram_sizes=opts["ngrams"] or [])
+    P = patch_size(kind, opts)
+    ngram_dropout = opts["ngram_dropout"] if opts["ngrams"] else 0.0
+    return BitTransformerLM(
+        **cfg, arch="byte_patch", patch_bytes=P, ngram_sizes=opts["ngrams"] or [], ngram_dropout=ngram_dropout
+    )
 
 
 def step_flops(kind: str, model, s: dict) -> float:
     """Training FLOPs of one step: 6 * (matmul parameters) per position, plus attention
-    (12 * layers * positions * d per position, as in nanoGPT's estimate), times positions.
-    Embedding lookups (the n-gram tables included) are not matmuls and count nothing."""
+    (12 * layers * positions * d per position, as in nanoGPT's estimate), times positions;
+    byte_patch's local decoder (its MLP when P > 1, the byte head) per byte. Embedding lookups
+    (the n-gram tables included) are not matmuls and count nothing."""
     B, W, d, L = s["batch"], s["window"], s["d_model"], s["num_layers"]
     block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2)
     if kind.startswith("byte_gpt"):
@@ -108,7 +117,8 @@ def step_flops(kind: str, model, s: dict) -> float:
         positions = 9 * W
         return B * positions * (6 * (block + 2 * d) + 12 * L * positions * d)
     positions = W // model.config.patch_bytes + 1
-    return B * (positions * (6 * block + 12 * L * positions * d) + W * 6 * 256 * d)
+    local = 256 * d + (4 * d * d if model.config.patch_bytes > 1 else 0)  # head; local_fc, local_proj
+    return B * (positions * (6 * block + 12 * L * positions * d) + W * 6 * local)
 
 
 def score(kind: str, model, windows: np.ndarray, device: torch.device, amp: bool) -> dict[str, float]:
@@ -129,65 +139,6 @@ def score(kind: str, model, windows: np.ndarray, device: torch.device, amp: bool
             n_bytes += x.size(0) * (x.size(1) - 1)
     model.train()
     return {"bpb": data_bits / n_bytes, "parity_bpb": parity_bits / n_bytes}
-
-
-def generation_speed(trained: list[tuple[str, torch.nn.Module]], prompt: np.ndarray, device, rounds: int) -> list[dict]:
-    """Generated bytes/s at batch 1 after ``prompt``, for each trained model: sampled
-    (temperature 1) and greedy; byte_patch at one byte per patch also with speculative decoding
-    (8 drafted bytes a call). The models' runs alternate, ``rounds`` rounds, so a disturbance
-    of the machine hits them alike; each figure is the median of its rounds."""
-    runs: list[dict[str, list[float]]] = []
-    plans = []
-    for kind, model in trained:
-        model.eval()
-        modes = {"sampled": (1.0, 0), "greedy": (0.0, 0)}
-        if kind == "byte_patch" and model.config.patch_bytes == 1:
-            modes |= {"sampled_speculative": (1.0, 8), "greedy_speculative": (0.0, 8)}
-        plans.append(modes)
-        runs.append({m: [] for m in modes})
-    with torch.no_grad():
-        for r in range(rounds + 1):  # round 0 warms up
-            for (kind, model), modes, out in zip(trained, plans, runs):
-                for name, (temperature, draft) in modes.items():
-                    g = torch.Generator(device=device).manual_seed(r)
-                    _sync(device)
-                    t = time.perf_counter()
-                    if kind.startswith("byte_gpt"):
-                        model.generate(torch.from_numpy(prompt[None]).long().to(device), GEN_BYTES, g, temperature)
-                    else:
-                        bits = byte_tensor_to_bits(torch.from_numpy(prompt[None]).to(device))
-                        generate_bits(model, bits, GEN_BYTES, temperature, generator=g, draft=draft)
-                    _sync(device)
-                    if r:
-                        out[name].append(GEN_BYTES / (time.perf_counter() - t))
-    for _, model in trained:
-        model.train()
-    return [{m: float(np.median(v)) for m, v in out.items()} for out in runs]
-
-
-def bytes_per_call(model, prompt: np.ndarray, device, rounds: int) -> dict[str, float]:
-    """Speculative decoding's generated bytes per decoding call (sampled, greedy; the prompt's
-    one forward pass not counted): untimed runs of the same generations as generation_speed's."""
-    real, calls = model.decode_bytes, [0]
-
-    def counted(values, cache):
-        calls[0] += 1
-        return real(values, cache)
-
-    model.decode_bytes, out, was_training = counted, {}, model.training
-    bits = byte_tensor_to_bits(torch.from_numpy(prompt[None]).to(device))
-    try:
-        with torch.no_grad():
-            for name, temperature in (("sampled", 1.0), ("greedy", 0.0)):
-                calls[0] = 0
-                for r in range(1, rounds + 1):
-                    g = torch.Generator(device=device).manual_seed(r)
-                    generate_bits(model, bits, GEN_BYTES, temperature, generator=g, draft=8)
-                out[name] = rounds * GEN_BYTES / calls[0]
-    finally:
-        del model.decode_bytes
-        model.train(was_training)
-    return out
 
 
 def train_one(
@@ -216,12 +167,12 @@ def train_one(
             next_eval += seconds / 10
         starts = rng.integers(0, len(train) - W, B)
         batch = train[starts[:, None] + np.arange(W)]
-        _sync(device)
+        sync_device(device)
         t = time.perf_counter()
         x = torch.from_numpy(batch).to(device, non_blocking=True)
         x = x.long() if kind.startswith("byte_gpt") else byte_tensor_to_bits(x)  # bits made on the device
         trainer.train_step([x], progress=trained_s / seconds)
-        _sync(device)
+        sync_device(device)
         trained_s += time.perf_counter() - t
         step += 1
     final = score(kind, model, val, device, opts["amp"])
@@ -250,8 +201,8 @@ def at_flops(r: dict, flops: float) -> float:
 
 def label(kind: str, opts: dict) -> str:
     ngrams = "+".join(map(str, opts["ngrams"])) if opts["ngrams"] else "none"
-    if kind == "byte_patch":
-        return f"byte_patch (P={opts['patch_bytes']}, n-grams {ngrams})"
+    if kind.startswith("byte_patch"):
+        return f"byte_patch (P={patch_size(kind, opts)}, n-grams {ngrams})"
     return f"byte_gpt + n-grams {ngrams}" if kind == "byte_gpt_ngram" else kind
 
 
@@ -277,9 +228,14 @@ def markdown(corpus: dict) -> str:
 
 
 def goals(by: dict) -> dict:
-    if "byte_gpt" not in by or "byte_patch" not in by:
+    """The issue's goals for every byte_patch model of a corpus, by name."""
+    if "byte_gpt" not in by:
         return {}
-    gpt, bp = by["byte_gpt"], by["byte_patch"]
+    return {name: goals_of(by, bp) for name, bp in by.items() if name.startswith("byte_patch")}
+
+
+def goals_of(by: dict, bp: dict) -> dict:
+    gpt = by["byte_gpt"]
     g = {
         "bpb_vs_byte_gpt_equal_time": bp["val_bpb"] / gpt["val_bpb"],
         "bpb_vs_byte_gpt_equal_flops": bp["val_bpb_equal_flops"] / gpt["val_bpb_equal_flops"],
@@ -324,9 +280,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="benchmarks/results/quality.json")
     ap.add_argument("--models", default="byte_gpt,byte_gpt_ngram,byte_patch")
     ap.add_argument("--corpus", default="pydoc,vimdoc", help=f"comma-separated: {', '.join(CORPORA)}")
-    ap.add_argument("--patch-bytes", type=int, default=1, help="byte_patch's patch size")
+    ap.add_argument(
+        "--patch-bytes",
+        default=str(SHIPPED.patch_bytes),
+        help="byte_patch's patch sizes, comma-separated (the first is byte_patch, the goals' model; "
+        "default: configs/small.yaml's)",
+    )
     ap.add_argument("--ngrams", default="2,3,4", help="hashed n-gram sizes (byte_patch, byte_gpt_ngram); 'none'")
     ap.add_argument("--dropout", type=float, default=0.0, help="the bit models' dropout")
+    ap.add_argument(
+        "--ngram-dropout",
+        type=float,
+        default=SHIPPED.resolved().ngram_dropout,
+        help="the n-gram rows' dropout (byte_patch, byte_gpt_ngram; default: configs/small.yaml's)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (the default on CUDA)")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model's training step")
@@ -349,9 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
         "batch": args.batch,
     }
     opts = {
-        "patch_bytes": args.patch_bytes,
+        "patch_bytes": [int(p) for p in args.patch_bytes.split(",")],
         "ngrams": [] if args.ngrams == "none" else [int(n) for n in args.ngrams.split(",")],
         "dropout": args.dropout,
+        "ngram_dropout": args.ngram_dropout,
         "amp": args.amp or device.type == "cuda",
         "compile": args.compile,
     }
@@ -365,7 +333,11 @@ def main(argv: list[str] | None = None) -> dict:
         val_arr = np.frombuffer(val_b, dtype=np.uint8)[: 4 << 20]  # at most 4 MiB held out
         val = val_arr[: len(val_arr) // W * W].reshape(-1, W)
         results, trained = [], []
+        kinds = []
         for kind in args.models.split(","):
+            extra = [f"byte_patch_P{p}" for p in opts["patch_bytes"][1:]] if kind == "byte_patch" else []
+            kinds += [kind, *extra]
+        for kind in kinds:
             r, model = train_one(kind, setup, opts, args.minutes * 60, train, val, device)
             trained.append((kind, model))
             r["mfu"] = r["achieved_flops_per_s"] / peak
