@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--corpus", default="pydoc,vimdoc", help=f"comma-separated: {', '.join(CORPORA)}")
     ap.add_argument(
         "--patch-bytes",
-        default=str(SHIPPED.patch_bytes),
+        default=str(SHIPPED.resolved().patch_bytes),
         help="byte_patch's patch sizes, comma-separated (the first is byte_patch, the goals' model; "
         "default: configs/small.yaml's)",
     )

@@ -78,7 +78,7 @@ def main() -> None:
     from bitlm import load_config
 
     cfg = load_config(ROOT / "configs" / "small.yaml")
-    positions = cfg.train.batch_size * (cfg.data.window_bytes // cfg.model.patch_bytes + 1)
+    positions = cfg.train.batch_size * (cfg.data.window_bytes // cfg.model.resolved().patch_bytes + 1)
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         grow = {

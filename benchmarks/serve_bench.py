@@ -247,7 +247,7 @@ def main() -> None:
         "model": {
             "config": args.config,
             "arch": cfg.model.arch,
-            "patch_bytes": cfg.model.patch_bytes,
+            "patch_bytes": cfg.model.resolved().patch_bytes,
             "d_model": cfg.model.d_model,
         },
         "completion_bytes": NEW_BYTES,

@@ -61,7 +61,8 @@ class ModelConfig:
     use_autocast: bool = False
     bit_embedding: str = "prefix"  # arch "bit": "prefix" (byte-aware) or "plain" (bit only)
     arch: str = "bit"  # "bit": one position per bit; "byte_patch": one per patch of bytes
-    patch_bytes: int = 1  # bytes per global position (byte_patch only)
+    # Bytes per global position (byte_patch). None: the architecture's default (ARCH_DEFAULTS).
+    patch_bytes: int | None = None
     local_decoder: str = "softmax"  # byte_patch: "softmax" (bit conditionals of a byte softmax) or "tree"
     # A learned vector added to every input position in diffusion mode (causal=False), so that
     # one model trained in both modes knows which task a window is (bitlm.diffusion).
@@ -96,8 +97,10 @@ class ModelConfig:
             raise ConfigError(f"model.bit_embedding must be 'prefix' or 'plain', got {self.bit_embedding!r}")
         if self.local_decoder not in ("softmax", "tree"):
             raise ConfigError(f"model.local_decoder must be 'softmax' or 'tree', got {self.local_decoder!r}")
-        if self.patch_bytes < 1:
+        if self.patch_bytes is not None and self.patch_bytes < 1:
             raise ConfigError(f"model.patch_bytes must be >= 1, got {self.patch_bytes}")
+        if self.patch_bytes not in (None, 1) and self.arch != "byte_patch":
+            raise ConfigError("model.patch_bytes needs arch=byte_patch: the bit model has one position per bit")
         if self.reversible and self.use_checkpoint:
             # Reversible blocks already recompute activations; checkpointing them again only
             # adds a third forward pass.
@@ -116,8 +119,8 @@ class ModelConfig:
 # The settings that depend on the architecture, where a config leaves them None. byte_patch's
 # are what benchmarks/quality.py measured best at equal time (README, "Bits at byte-level cost").
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "bit": {"dropout": 0.1, "ngram_sizes": [], "ngram_dropout": 0.0},
-    "byte_patch": {"dropout": 0.0, "ngram_sizes": [2, 3, 4], "ngram_dropout": 0.5},
+    "bit": {"dropout": 0.1, "ngram_sizes": [], "ngram_dropout": 0.0, "patch_bytes": 1},
+    "byte_patch": {"dropout": 0.0, "ngram_sizes": [2, 3, 4], "ngram_dropout": 0.5, "patch_bytes": 4},
 }
 
 

@@ -95,6 +95,7 @@ def test_ngram_embeddings_are_checked_when_loaded():
         (["model.ngram_vocab=0"], "ngram_vocab must be >= 1"),
         (["model.ngram_dropout=1.0"], "ngram_dropout must be in"),
         (["model.ngram_dropout=0.3", "model.ngram_sizes=[]"], "ngram_dropout needs n-grams"),
+        (["model.patch_bytes=4", "model.arch=bit"], "patch_bytes needs arch=byte_patch"),
     ):
         with pytest.raises(ConfigError, match=message):
             load_config(None, ["model.arch=byte_patch", *bad])
@@ -116,6 +117,7 @@ def test_settings_left_to_the_architecture_follow_it():
     assert BitTransformerLM(config=ModelConfig(arch="byte_patch", dropout=0.2, ngram_sizes=[])).config.dropout == 0.2
     assert model.config.ngram_dropout == ARCH_DEFAULTS["byte_patch"]["ngram_dropout"] == 0.5
     assert bit.ngram_dropout == 0.0  # no n-grams, nothing to drop
+    assert (model.config.patch_bytes, bit.patch_bytes) == (ARCH_DEFAULTS["byte_patch"]["patch_bytes"], 1)
     assert ModelConfig(arch="byte_patch", ngram_sizes=[]).resolved().ngram_dropout == 0.0
 
 
