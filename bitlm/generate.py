@@ -111,9 +111,16 @@ def iter_generate(
     plain decoding; None (the default): up to GREEDY_DRAFT for one greedy row (measured:
     README), else 0 (sampled drafts are seldom accepted)."""
     seq = _check_prompt(prompt_bits).to(next(model.parameters()).device)
+    can_speculate = use_cache and getattr(model.io, "P", 0) == 1
     if draft is None:  # read the temperatures only when the caller left the choice
-        draft = GREEDY_DRAFT if seq.size(0) == 1 and bool((torch.as_tensor(temperature) <= 0).all()) else 0
-    if draft and use_cache and getattr(model.io, "P", 0) == 1:
+        one_greedy_row = seq.size(0) == 1 and bool((torch.as_tensor(temperature) <= 0).all())
+        draft = GREEDY_DRAFT if can_speculate and one_greedy_row else 0
+    elif draft and not can_speculate:  # asked for, and it cannot be honoured: say so
+        raise ValueError(
+            f"draft={draft}: speculative decoding needs arch='byte_patch' with patch_bytes=1 and "
+            "use_cache=True; pass draft=0 (or None) to decode plainly"
+        )
+    if draft:
         yield from _speculate(model, seq, max_new_bytes, temperature, top_p, generator, draft)
         return
     window = model.io.max_bits // 9 * 9

@@ -249,3 +249,19 @@ def test_a_greedy_row_beside_a_sampled_one_survives_a_near_tie():
     prompt = torch.from_numpy(bytes_to_bits(bytes([other, other, int(walked[i]), other, other])))
     out = generate_bits(model, prompt.long()[None].repeat(2, 1), 2, temperature=torch.tensor([0.0, 1.0]), draft=2)
     assert bits_to_bytes(out[0, 45:54])[0] == int(ours[i])  # the greedy row's greedy byte
+
+
+def test_drafts_asked_of_a_model_that_cannot_verify_them_are_refused_by_name():
+    """Speculation verifies one byte per position: a patch of several bytes (the default
+    byte_patch) or decoding without the cache cannot, so draft > 0 there is an error, not a
+    silent plain decode; the default (draft=None) decodes such a model plainly."""
+    torch.manual_seed(0)
+    patched = BitTransformerLM(**CFG, arch="byte_patch", patch_bytes=4).eval()
+    prompt = torch.from_numpy(bytes_to_bits(PATTERN)).long()[None]
+    with pytest.raises(ValueError, match="draft=4"):
+        generate_bits(patched, prompt, 4, temperature=0.0, draft=4)
+    one = BitTransformerLM(**CFG, arch="byte_patch", patch_bytes=1).eval()
+    with pytest.raises(ValueError, match="use_cache=True"):
+        generate_bits(one, prompt, 4, temperature=0.0, use_cache=False, draft=4)
+    calls = _model_calls(patched, lambda: generate_bits(patched, prompt, 12, temperature=0.0))
+    assert calls == _model_calls(patched, lambda: generate_bits(patched, prompt, 12, temperature=0.0, draft=0))
