@@ -4,14 +4,16 @@
 
 The demo's size (d128 L4, 4 heads, 512 feed-forward), untrained weights: plain decoding does the
 same work whatever the weights say (speculative decoding does not, so it is measured on trained
-models, in benchmarks/quality.py). Greedy also times byte_patch with the library's default
-(``draft=None``: greedy decoding speculates), on these weights the case where drafts are
-rejected: what speculating costs when it does not pay. Models: the byte GPT
-(benchmarks/byte_gpt.py), the same with byte_patch's n-gram input embeddings, and
-BitTransformerLM(arch="byte_patch") as configs/small.yaml builds it. Each generates ``--new-bytes`` bytes after a 64-byte prompt through its KV cache,
-sampled (temperature 1) and greedy; the runs of all models alternate, ``--repeats`` rounds, so
-a disturbance hits them alike; reported: the median and best bytes/s of each, and byte_patch's
-ratio to each GPT (of medians). Ratios within one run are what to compare.
+models, in benchmarks/quality.py). Models: the byte GPT (benchmarks/byte_gpt.py), the same with
+byte_patch's n-gram input embeddings, BitTransformerLM(arch="byte_patch") as configs/small.yaml
+builds it (four bytes a patch: one global step per four bytes, a local step per byte), and the
+same at one byte per patch (``byte_patch_P1``). Greedy also times byte_patch_P1 with the
+library's default (``draft=None``: one greedy row speculates, which only a patch of one byte can),
+on these weights the case where drafts are rejected: what speculating costs when it does not
+pay. Each generates ``--new-bytes`` bytes after a 64-byte prompt through its KV cache, sampled
+(temperature 1) and greedy; the runs of all models alternate, ``--repeats`` rounds, so a
+disturbance hits them alike; reported: the median and best bytes/s of each, and each byte_patch
+model's ratio to each GPT (of medians). Ratios within one run are what to compare.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +49,7 @@ def models(new_bytes: int) -> dict:
         "byte_gpt": ByteGPT(**size, max_bytes=max_bytes).eval(),
         "byte_gpt_ngram": ByteGPT(**size, max_bytes=max_bytes, ngram_sizes=cfg.ngram_sizes).eval(),
         "byte_patch": BitTransformerLM(config=cfg).eval(),
+        "byte_patch_P1": BitTransformerLM(config=replace(cfg, patch_bytes=1)).eval(),
     }
 
 
@@ -54,8 +58,8 @@ def run(kind: str, model, prompt: torch.Tensor, n: int, temperature: float) -> f
     t = time.perf_counter()
     if kind.startswith("byte_gpt"):
         model.generate(prompt.long(), n, g, temperature)
-    else:  # plain decoding, or (byte_patch_default) the library's default: greedy speculates
-        draft = None if kind == "byte_patch_default" else 0
+    else:  # plain decoding, or (byte_patch_P1_default) the library's default: greedy speculates
+        draft = None if kind.endswith("_default") else 0
         generate_bits(model, byte_tensor_to_bits(prompt), n, temperature, generator=g, draft=draft)
     return n / (time.perf_counter() - t)
 
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for mode, temperature in (("sampled", 1.0), ("greedy", 0.0)):
             if mode == "greedy":
-                ms = {**ms, "byte_patch_default": ms["byte_patch"]}
+                ms = {**ms, "byte_patch_P1_default": ms["byte_patch_P1"]}
             for kind, m in ms.items():  # warm-up
                 run(kind, m, prompt, 8, temperature)
             speeds: dict[str, list[float]] = {k: [] for k in ms}
@@ -86,10 +90,15 @@ def main(argv: list[str] | None = None) -> dict:
                 k: {"median": statistics.median(v), "best": max(v), "runs": v} for k, v in speeds.items()
             }
             med = {k: statistics.median(v) for k, v in speeds.items()}
-            result["byte_patch_vs"][mode] = {k: med["byte_patch"] / med[k] for k in ms if k.startswith("byte_gpt")}
-            if "byte_patch_default" in med:  # the default's cost where drafts are rejected
-                result["byte_patch_vs"][mode]["byte_patch_default_over_plain"] = (
-                    med["byte_patch_default"] / med["byte_patch"]
+            result["byte_patch_vs"][mode] = {
+                f"{bp}_vs_{k}": med[bp] / med[k]
+                for bp in ("byte_patch", "byte_patch_P1")
+                for k in ms
+                if k.startswith("byte_gpt")
+            }
+            if "byte_patch_P1_default" in med:  # the default's cost where drafts are rejected
+                result["byte_patch_vs"][mode]["byte_patch_P1_default_over_plain"] = (
+                    med["byte_patch_P1_default"] / med["byte_patch_P1"]
                 )
             print(mode, {k: round(v) for k, v in med.items()}, result["byte_patch_vs"][mode], flush=True)
     out = Path(args.out)
