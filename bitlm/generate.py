@@ -108,8 +108,9 @@ def iter_generate(
     one byte per patch): speculative decoding, up to ``draft`` bytes per model call, drafted
     (context, bigrams) and verified (see _speculate): the same greedy output (up to float
     rounding at near ties), and samples from the same distribution, as plain decoding. 0 is
-    plain decoding; None (the default): up to GREEDY_DRAFT for one greedy row (measured:
-    README), else 0 (sampled drafts are seldom accepted)."""
+    plain decoding; None (the default): up to GREEDY_DRAFT for one greedy row of a model that
+    can verify drafts (measured: README), else 0 (sampled drafts are seldom accepted). A draft
+    > 0 asked of a model with several bytes per patch, or without the cache, is a ValueError."""
     seq = _check_prompt(prompt_bits).to(next(model.parameters()).device)
     can_speculate = use_cache and getattr(model.io, "P", 0) == 1
     if draft is None:  # read the temperatures only when the caller left the choice
