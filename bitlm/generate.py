@@ -20,6 +20,7 @@ import torch
 
 from .bits import BYTE_BITS, bits_to_text, bytes_to_bits
 from .byte_patch import _PLACE, _TREE_BITS, _TREE_NODES, _TURNS, _ZERO_TURNS, node_logits
+from .drafts import GREEDY_DRAFT, PAUSE_STEPS, next_draft_count, propose_drafts
 
 
 class GeneratedByte:
@@ -261,28 +262,6 @@ def path_logits(log_q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return torch.cat([path, fixed[:, None]], 1)
 
 
-def _lookup_draft(history: bytes, k: int, n_max: int = 4, n_min: int = 1) -> bytes:
-    """Prompt-lookup drafting: the ``k`` bytes that followed the latest earlier occurrence of
-    the longest suffix of ``history`` (``n_max`` bytes down to ``n_min``) that occurred before."""
-    for n in range(min(n_max, len(history) - 1), n_min - 1, -1):
-        at = history.rfind(history[-n:], 0, len(history) - 1)
-        if at >= 0:
-            return history[at + n : at + n + k]
-    return b""
-
-
-def _draft(history: bytes, k: int, likeliest: bytes) -> bytes:
-    """``k`` drafted bytes: what followed the latest earlier match of the context's last
-    DRAFT_MIN_MATCH+ bytes (_lookup_draft), continued (or, with no match, begun) by the chain of
-    the reference's likeliest next bytes, ``likeliest[a]`` the likeliest byte after byte a."""
-    out = bytearray(_lookup_draft(history, k, n_min=DRAFT_MIN_MATCH))
-    last = out[-1] if out else history[-1]
-    while len(out) < k:
-        last = likeliest[last]
-        out.append(last)
-    return bytes(out)
-
-
 def _row_draw(probs: torch.Tensor, generator) -> torch.Tensor:
     """One index (B,) per row of ``probs`` (B, K), each row's from its own generator when there is a list."""
     if isinstance(generator, list):
@@ -339,22 +318,9 @@ def _verify_drafts(model, cache, pending, d_vals, rule: _SamplingRule, generator
     return log_q, kept, nxt
 
 
-# Drafts continue a context match of at least this many bytes (one byte is a weak guess), else
-# the chain of the reference's likeliest next bytes (training data's bigrams; free, often right).
-DRAFT_MIN_MATCH = 2
-GREEDY_DRAFT = 8  # iter_generate's drafts per call, by default, for greedy decoding
-PAUSE_STEPS = 4  # plain steps before drafting again, after a lone draft was rejected
-
-
-def _draft_count(k_now: int, kept_all: bool, k: int) -> int:
-    """Drafts for the next call after one of ``k_now``: 2 more (up to ``k``) when all were kept,
-    else 1 fewer; 0 pauses drafting (a call that verifies a draft costs more than a plain step)."""
-    return min(k, k_now + 2) if kept_all else k_now - 1
-
-
 def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> Iterator[GeneratedByte]:
     """Speculative decoding for one byte per patch. Each model call feeds the byte decided
-    last and up to ``k`` drafted bytes (_draft), which gives the byte distribution after
+    last and up to ``k`` drafted bytes (drafts.propose_drafts), which gives the byte distribution after
     each of them; draft i is accepted with the probability the model's sampling distribution p
     (byte_log_probs: temperature, top_p; greedy at 0) gives it, and the first rejected one is
     replaced by a draw from p without it, renormalized: every byte is distributed exactly as in
@@ -362,7 +328,7 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
     and greedy output is the same. The context restarts where plain decoding's does, so a draft
     never crosses a restart. In a batch every row keeps as many drafts as the row that keeps
     fewest. The cache is cut back to the bytes kept. The number drafted adapts, up to ``k``
-    (_draft_count); a call with no draft (none fits at the context's or the request's end, or
+    (drafts.next_draft_count); a call with no draft (none fits at the context's or the request's end, or
     drafting is paused) is a plain decoding step."""
     io, dev, B = model.io, seq.device, seq.size(0)
     window = io.max_bits // 9  # bytes of context
@@ -387,10 +353,10 @@ def _speculate(model, seq, max_new_bytes, temperature, top_p, generator, k) -> I
                 model(seq[:, 9 * start : 9 * (L - 1)], cache, telemetry=False, decode=False)
             n = min(start + window - L - 1, max_new_bytes - made - 1, k_now)  # drafts this call verifies
             if n:
-                drafts = [list(_draft(row, n, likeliest)) for row in text]
+                drafts = [list(propose_drafts(row, n, likeliest)) for row in text]
                 d_vals = torch.tensor(drafts, dtype=torch.long, device=dev).view(B, n)
                 log_q, kept, nxt = _verify_drafts(model, cache, pending, d_vals, rule, generator)
-                k_now, plain_run = _draft_count(k_now, kept == n, k), 0
+                k_now, plain_run = next_draft_count(k_now, kept == n, k), 0
                 new = torch.cat([d_vals[:, :kept], nxt[:, None]], 1)  # (B, kept + 1)
             else:  # no draft (none fits, or drafting paused): a plain step
                 kept, plain_run = 0, plain_run + 1

@@ -8,8 +8,9 @@ from conftest import train_on_phrase
 
 from bitlm import BitTransformerLM, bits_to_bytes, bytes_to_bits, generate_bits
 from bitlm.byte_patch import node_logits
+from bitlm.drafts import GREEDY_DRAFT, PAUSE_STEPS, lookup_draft, next_draft_count, propose_drafts
 from bitlm.gated import GateSettings, complete
-from bitlm.generate import GREEDY_DRAFT, PAUSE_STEPS, _draft, _draft_count, _lookup_draft, byte_log_probs, iter_generate
+from bitlm.generate import byte_log_probs, iter_generate
 
 CFG = dict(d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_seq_len=9 * 48, dropout=0.0)
 PATTERN = b"the cat sat on the mat. "
@@ -24,12 +25,12 @@ def peaked():
 
 
 def test_lookup_draft_continues_the_latest_match():
-    assert _lookup_draft(b"abcXabcYab", 3) == b"cYa"  # the latest earlier "ab"
-    assert _lookup_draft(b"xyz", 4) == b""
-    assert _lookup_draft(b"aaaa", 2) == b"a"  # what follows the match, up to the end
-    assert _lookup_draft(b"xaby", 2, n_min=2) == b""  # no match at all
-    assert _lookup_draft(b"abXaYb", 2, n_min=2) == b""  # "b" matched before, but no two bytes did
-    assert _lookup_draft(b"abXab", 2, n_min=2) == b"Xa"
+    assert lookup_draft(b"abcXabcYab", 3) == b"cYa"  # the latest earlier "ab"
+    assert lookup_draft(b"xyz", 4) == b""
+    assert lookup_draft(b"aaaa", 2) == b"a"  # what follows the match, up to the end
+    assert lookup_draft(b"xaby", 2, n_min=2) == b""  # no match at all
+    assert lookup_draft(b"abXaYb", 2, n_min=2) == b""  # "b" matched before, but no two bytes did
+    assert lookup_draft(b"abXab", 2, n_min=2) == b"Xa"
 
 
 @pytest.mark.parametrize("ngrams", [[], [2, 3]])
@@ -156,8 +157,8 @@ def _chi2_ok(counts: torch.Tensor, p: torch.Tensor) -> bool:
 
 
 def test_drafting_grows_after_kept_drafts_shrinks_after_a_rejection_and_pauses():
-    assert _draft_count(2, True, 8) == 4 and _draft_count(8, True, 8) == 8
-    assert _draft_count(4, False, 8) == 3 and _draft_count(1, False, 8) == 0
+    assert next_draft_count(2, True, 8) == 4 and next_draft_count(8, True, 8) == 8
+    assert next_draft_count(4, False, 8) == 3 and next_draft_count(1, False, 8) == 0
 
 
 def test_drafts_that_keep_being_rejected_pause_drafting_then_drafting_resumes(peaked, monkeypatch):
@@ -181,10 +182,10 @@ def test_drafts_that_keep_being_rejected_pause_drafting_then_drafting_resumes(pe
 
 def test_without_a_context_match_the_reference_bigram_chain_is_drafted():
     likeliest = bytes((a + 1) % 256 for a in range(256))  # the byte after a: a + 1
-    assert _draft(b"xyz", 3, likeliest) == b"{|}"  # no earlier match: the chain from "z"
-    assert _draft(b"xaXa", 2, likeliest) == b"bc"  # a one-byte match is not used
-    assert _draft(b"abXab", 2, likeliest) == b"Xa"  # a two-byte match is
-    assert _draft(b"abXab", 4, likeliest) == b"Xabc"  # and the chain continues it to the end
+    assert propose_drafts(b"xyz", 3, likeliest) == b"{|}"  # no earlier match: the chain from "z"
+    assert propose_drafts(b"xaXa", 2, likeliest) == b"bc"  # a one-byte match is not used
+    assert propose_drafts(b"abXab", 2, likeliest) == b"Xa"  # a two-byte match is
+    assert propose_drafts(b"abXab", 4, likeliest) == b"Xabc"  # and the chain continues it to the end
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (1.5, 0.95)])
