@@ -42,7 +42,8 @@ Causality: the logit at bit position t (predicting bit t+1) uses only bits <= t:
 patch holding bit t+1 sees earlier patches, the local context sees earlier bytes of the patch,
 and the tree node uses the earlier bits of the byte. Incremental decoding keeps the global KV
 cache, the output h of the current patch and the unfinished patch (as bits, or as the byte
-values decoding feeds); a byte costs 1/P of a global step plus the local decoder.
+values decoding feeds, with running sums over them: a byte fed hashes one n-gram row); a byte
+costs 1/P of a global step plus the local decoder.
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ class BytePatchIO(nn.Module):
     """Embeds bits into global patch positions and decodes per-bit logits from them."""
 
     # What a decoding row carries between bytes in its cache's state, one entry per row: the
-    # context of its unfinished patch and its n-gram history (bitlm.batching moves these).
-    ROW_STATE = ("h", "ngram_hist", "tail_values")
+    # context of its unfinished patch, its n-gram history and (P > 1) the running sums over the
+    # patch's bytes so far, _RUNNING (bitlm.batching moves these).
+    _RUNNING = ("local_sum", "patch_sum", "ngram_last", "recent")
+    ROW_STATE = ("h", "ngram_hist", "tail_values") + _RUNNING
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -136,6 +139,8 @@ class BytePatchIO(nn.Module):
         if cache is None:
             ctx, start = bits, 0
         else:
+            for k in self._RUNNING:  # bits in: the running sums go stale, and are remade when read
+                cache.state.pop(k, None)
             tail = self._tail_bits(cache)
             ctx = bits if tail is None else torch.cat([tail, bits], 1)
             start = cache.length
@@ -174,12 +179,7 @@ class BytePatchIO(nn.Module):
         if self.P > 1:
             if values.size(1) != 1:
                 raise ValueError("with several bytes per patch, embed_bytes takes one byte a call")
-            values = torch.cat([self.patch_so_far(cache), values], 1)  # (B, j + 1): the patch so far
-            cache.state["tail"] = None
-            if values.size(1) < self.P:  # the patch goes on: no global input yet
-                cache.state["tail_values"] = values  # kept as values: decoding reads them so
-                return self.bos_emb.weight.new_zeros(values.size(0), 0, self.bos_emb.embedding_dim), start
-            x = self.byte_emb(values + 256 * torch.arange(self.P, device=values.device)).sum(1, keepdim=True)
+            return self._feed_patch_byte(values, cache), start
         else:
             tail = cache.state.get("tail")
             if tail is not None and tail.size(1):
@@ -298,9 +298,49 @@ class BytePatchIO(nn.Module):
         from it is drawing its bits one by one through the model (their conditionals multiply
         back to q), without a model call per bit."""
         c = cache.state["h"][:, 0]  # (B, C): the context of the unfinished patch
-        if self.P > 1:
-            c = c + self._next_local_context(self.patch_so_far(cache), cache.state.get("ngram_hist"))
+        if self.P > 1:  # _local_context's row for the next byte, from the running sums
+            s = self._running(cache)
+            x = self.local_pos_emb.weight[s["tail_values"].size(1)] + s["local_sum"]
+            c = c + self._local_mix(x + s["ngram_last"] if self.ngram_sizes else x)
         return self._byte_log_probs(c)
+
+    def _running(self, cache) -> dict:
+        """The cache's state with the running sums over the unfinished patch's bytes (B, C) of
+        the local decoder's inputs, of the global input and (with n-grams) the n-gram row ending
+        at the last byte and the bytes (B, hist) that end there: made from the patch's bytes
+        when a pass of bits left none (a prompt, a restart), then kept up by each byte fed."""
+        s = cache.state
+        if s.get("local_sum") is None:
+            before = self.patch_so_far(cache)
+            rows = before + 256 * torch.arange(before.size(1), device=before.device)
+            s["local_sum"], s["patch_sum"] = self.local_emb(rows).sum(1), self.byte_emb(rows).sum(1)
+            if self.ngram_sizes:  # rows ending at the byte before the patch, then at each of its bytes
+                e, s["recent"] = self.ngram_emb(before, s.get("ngram_hist"), before=True)
+                s["ngram_last"], s["patch_sum"] = e[:, -1], s["patch_sum"] + e[:, 1:].sum(1)
+        return s
+
+    def _feed_patch_byte(self, values: torch.Tensor, cache) -> torch.Tensor:
+        """embed_bytes for one byte (B, 1) with several bytes per patch: the running sums take
+        it in (one n-gram row hashed); the patch's global input (B, 1, C) when it completes
+        one, else none (B, 0, C)."""
+        s = self._running(cache)
+        before = s["tail_values"]
+        row = values[:, 0] + 256 * before.size(1)  # (position in the patch, value)
+        s["patch_sum"] = s["patch_sum"] + self.byte_emb(row)
+        if self.ngram_sizes:
+            s["recent"] = torch.cat([s["recent"][:, 1:], values], 1)
+            s["ngram_last"] = self.ngram_emb.last(s["recent"])
+            s["patch_sum"] = s["patch_sum"] + s["ngram_last"]
+        s["tail"] = None
+        if before.size(1) + 1 < self.P:  # the patch goes on: no global input yet
+            s["local_sum"] = s["local_sum"] + self.local_emb(row)
+            s["tail_values"] = torch.cat([before, values], 1)  # kept as values: decoding reads them so
+            return s["patch_sum"].new_zeros(values.size(0), 0, s["patch_sum"].size(-1))
+        x = s["patch_sum"][:, None]  # the patch is complete: the sums start again
+        s["ngram_hist_before"], s["ngram_hist"] = s.get("ngram_hist"), s.get("recent")
+        zero = torch.zeros_like(x[:, 0])  # (the sums are replaced, never written in place)
+        s["tail_values"], s["local_sum"], s["patch_sum"] = before[:, :0], zero, zero
+        return x
 
     def _byte_log_probs(self, c: torch.Tensor) -> torch.Tensor:
         """log q (..., 256): the local decoder's byte distribution at contexts c (..., C)."""
@@ -351,17 +391,6 @@ class BytePatchIO(nn.Module):
         x = before.view(B, -1, e.size(-1))[:, :n] + self.local_pos_emb(j)
         if self.ngram_sizes:
             x = x + self.ngram_emb(values, hist, before=True)[0][:, :n]  # row i: ending at byte i - 1
-        return self._local_mix(x)
-
-    def _next_local_context(self, before: torch.Tensor, hist: torch.Tensor | None) -> torch.Tensor:
-        """_local_context's row (B, C) for the byte after ``before`` (B, j), the j < P bytes of its
-        patch so far: decoding's, each term made for that byte alone."""
-        j = before.size(1)
-        x = self.local_pos_emb.weight[j]
-        if j:
-            x = x + self.local_emb(before + 256 * torch.arange(j, device=before.device)).sum(1)
-        if self.ngram_sizes:
-            x = x + self.ngram_emb(before, hist, before=True)[0][:, -1]  # ending at the byte before
         return self._local_mix(x)
 
     def _local_mix(self, x: torch.Tensor) -> torch.Tensor:

@@ -41,14 +41,29 @@ class NgramEmbedding(nn.Embedding):
         ``before``, (B, N + 1, C): first the n-grams ending at the byte before ``values``."""
         full = self._full(values, hist)
         window = (full if before else full[:, 1:]).unfold(1, self.hist, 1)  # (B, N (+ 1), hist)
-        x = (window[:, :, None, :] * self.powers).sum(-1)  # (B, N, sizes): each n-gram, hashed
-        rows = torch.remainder(x >> 17, self.vocab) + self.offsets
+        return self._embed(window), full[:, full.size(1) - self.hist :]
+
+    def last(self, recent: torch.Tensor) -> torch.Tensor:
+        """The embedding (B, C) of the n-grams ending at the last of the bytes ``recent`` (B,
+        hist), a history as forward returns it: decoding's one row a byte."""
+        if self.training and self.dropout:
+            return self._embed(recent[:, None, :])[:, 0]
+        return F.embedding(self._rows(recent), self.weight).sum(1)  # a few rows: cheaper than a bag
+
+    def _rows(self, window: torch.Tensor) -> torch.Tensor:
+        """The table rows (..., sizes) of the n-grams ending at the last byte of each window (..., hist)."""
+        x = (window[..., None, :] * self.powers).sum(-1)  # each n-gram, hashed
+        return torch.remainder(x >> 17, self.vocab) + self.offsets
+
+    def _embed(self, window: torch.Tensor) -> torch.Tensor:
+        """(B, N, C): the n-grams ending at the last byte of each window (B, N, hist)."""
+        rows = self._rows(window)  # (B, N, sizes)
         rows2 = rows.view(-1, rows.size(-1))
         keep = None
         if self.training and self.dropout:
             keep = (torch.rand(rows2.shape, device=rows2.device) >= self.dropout).float() / (1 - self.dropout)
         e = F.embedding_bag(rows2, self.weight, mode="sum", per_sample_weights=keep)  # the sizes' rows summed
-        return e.view(*rows.shape[:2], -1), full[:, full.size(1) - self.hist :]
+        return e.view(*rows.shape[:2], -1)
 
     def history(self, values: torch.Tensor, hist: torch.Tensor | None = None) -> torch.Tensor:
         """The history after bytes ``values`` that followed ``hist``."""

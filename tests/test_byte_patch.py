@@ -135,10 +135,11 @@ def test_bytes_drawn_whole_are_the_bits_drawn_one_by_one(decoder, P):
 def test_decode_bytes_is_feeding_the_bytes_bits(model):
     """Generation's step (whole byte values in) gives the byte distribution after each byte
     that feeding their bits gives, and leaves the cache where the bits leave it: later calls of
-    either kind agree too (n-gram history, patch tails and positions included)."""
+    either kind agree too (n-gram history, patch tails and positions included), and bytes fed
+    after bits (the running sums over a patch remade from its bytes, mid-patch) agree again."""
     from bitlm.bits import BYTE_BITS
 
-    prompt, later = _bits(7, batch=2, seed=3), torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(4))
+    prompt, later = _bits(7, batch=2, seed=3), torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         fast, slow = model.new_cache(), model.new_cache()
         model(prompt, fast, telemetry=False, decode=False)
@@ -151,8 +152,12 @@ def test_decode_bytes_is_feeding_the_bytes_bits(model):
         assert got.shape == (2, 4, 256)
         assert torch.allclose(got, torch.stack(want, 1), atol=1e-5)
         assert (fast.length, fast.bits_seen) == (slow.length, slow.bits_seen)
-        tail = BYTE_BITS[later[:, 4:]].view(2, -1)
+        tail = BYTE_BITS[later[:, 4:6]].view(2, -1)
         assert torch.allclose(model(tail, fast)[0], model(tail, slow)[0], atol=1e-5)
+        got = model.decode_bytes(later[:, 6:], fast)
+        for j in range(6, 9):
+            model(BYTE_BITS[later[:, j]], slow, telemetry=False, decode=False)
+            assert torch.allclose(got[:, j - 6], model.io.next_byte_log_probs(slow), atol=1e-5)
 
 
 def test_ngram_rows_of_the_byte_before_and_the_history_carried():
