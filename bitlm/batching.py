@@ -133,7 +133,7 @@ class SharedBatch:
         cache = self.model.new_cache()
         with _eval_mode(self.model):
             self.model(prompt_bits, cache, telemetry=False, decode=False)
-        log_q = self.model.io.next_byte_log_probs(cache)
+            log_q = self.model.io.next_byte_log_probs(cache)
         t = torch.as_tensor(temperature, dtype=torch.float32).expand(B).to(self.device)
         p = torch.as_tensor(top_p, dtype=torch.float32).expand(B).to(self.device)
         ids = list(range(self._next_id, self._next_id + B))

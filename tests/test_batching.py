@@ -133,3 +133,25 @@ def test_what_cannot_be_batched_so_is_refused_by_name():
     with pytest.raises(ValueError, match="one byte a row"):
         model.decode_bytes(torch.zeros(2, 2, dtype=torch.long), lane.cache)
     assert not lane.log_q.requires_grad and lane.cache.k[0].grad_fn is None  # nothing kept for a backward
+
+
+@pytest.mark.parametrize("order", [(b"abcdef", b"xy"), (b"xy", b"abcdef")])
+def test_a_prompt_shorter_than_a_patch_joins_a_lane_and_a_training_model_decodes_as_in_eval(order):
+    """Two prompts at one place in their patches share a lane, whichever joins first, though the
+    shorter is shorter than a patch (its n-gram history is the window's start); and a model
+    left in training mode (n-gram dropout 0.5) decodes its rows as generation does, in eval."""
+    model = _model(patch_bytes=4, ngram_dropout=0.5)
+    requests = [(prompt, 12, 1.0, 1.0, 20 + i) for i, prompt in enumerate(order)]
+    want = [_alone(model, r) for r in requests]
+    model.train()
+    shared = SharedBatch(model)
+    groups = [SharedGroup(shared, *([x] for x in r), OPEN) for r in requests]
+    assert [(lane.place, len(lane.ids)) for lane in shared.lanes] == [(2, 2)]
+    got: list[list] = [[], []]
+    with torch.no_grad():
+        for _ in range(12):
+            shared.draw()
+            for i, group in enumerate(groups):
+                got[i] += [e for e in next(group) if e is not None]
+            shared.feed(set().union(*(g.going_on() for g in groups)))
+    assert [_events(g) for g in got] == want
