@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--minutes 5] [--corpus pydoc,vimdoc] [--device cpu|cuda]
                                  [--models byte_gpt,byte_gpt_ngram,byte_patch] [--patch-bytes 4,1]
-                                 [--out benchmarks/results/quality.json]
+                                 [--patch-layers 4,6] [--out benchmarks/results/quality.json]
 
 For each corpus (benchmarks/corpora.py: the built-in pydoc topics, and Vim's help files from
 another domain) and one after another on the same split and the same wall-clock budget, each
@@ -14,8 +14,9 @@ models through the one objective (bitlm.objectives), the byte GPT through its ow
   that says how much of byte_patch's lead is the n-grams rather than the bits;
 - ``byte_patch``: BitTransformerLM(arch="byte_patch") as configured (``--patch-bytes``,
   ``--ngrams``, ``--dropout``; the defaults are the shipped configs'); ``--patch-bytes`` may list
-  several patch sizes, each trained in turn (``byte_patch_P<n>`` after the first, which the
-  goals are read for);
+  several patch sizes and ``--patch-layers`` several depths of its global model (default: the
+  other models' ``--layers``), each pair trained in turn (``byte_patch_P<n>_L<m>`` after the
+  first, ``byte_patch``, which the goals are read for; ``_L<m>`` only when several depths are listed);
 - ``bit``: BitTransformerLM(arch="bit"), the guide's one position per bit.
 
 All at the same d_model and depth. Reported per corpus, in one JSON and one markdown table:
@@ -76,9 +77,20 @@ def matmul_peak_flops(device: torch.device, threads: int) -> float:
     return best
 
 
-def patch_size(kind: str, opts: dict) -> int:
-    """byte_patch's patch size for model name ``kind`` ("byte_patch": the first listed)."""
-    return int(kind.removeprefix("byte_patch_P")) if kind.startswith("byte_patch_P") else opts["patch_bytes"][0]
+def patch_variant(kind: str, opts: dict) -> tuple[int, int]:
+    """byte_patch's (patch size, global layers) for model name ``kind`` ("byte_patch": the first
+    of each list; "byte_patch_P<n>_L<m>": the others)."""
+    if kind.startswith("byte_patch_P"):
+        P, _, L = kind.removeprefix("byte_patch_P").partition("_L")
+        return int(P), int(L or opts["patch_layers"][0])
+    return opts["patch_bytes"][0], opts["patch_layers"][0]
+
+
+def patch_kinds(opts: dict) -> list[str]:
+    """The byte_patch models to train: every patch size with every depth, the first pair first."""
+    pairs = [(P, L) for P in opts["patch_bytes"] for L in opts["patch_layers"]]
+    depth = len(opts["patch_layers"]) > 1
+    return ["byte_patch"] + [f"byte_patch_P{P}" + (f"_L{L}" if depth else "") for P, L in pairs[1:]]
 
 
 def build(kind: str, s: dict, opts: dict):
@@ -96,7 +108,7 @@ def build(kind: str, s: dict, opts: dict):
     )
     if kind == "bit":
         return BitTransformerLM(**cfg, arch="bit")
-    P = patch_size(kind, opts)
+    P, cfg["num_layers"] = patch_variant(kind, opts)
     ngram_dropout = opts["ngram_dropout"] if opts["ngrams"] else 0.0
     return BitTransformerLM(
         **cfg, arch="byte_patch", patch_bytes=P, ngram_sizes=opts["ngrams"] or [], ngram_dropout=ngram_dropout
@@ -108,7 +120,8 @@ def step_flops(kind: str, model, s: dict) -> float:
     (12 * layers * positions * d per position, as in nanoGPT's estimate), times positions;
     byte_patch's local decoder (its MLP when P > 1, the byte head) per byte. Embedding lookups
     (the n-gram tables included) are not matmuls and count nothing."""
-    B, W, d, L = s["batch"], s["window"], s["d_model"], s["num_layers"]
+    B, W, d = s["batch"], s["window"], s["d_model"]
+    L = len(model.blocks)
     block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("blocks.") and p.dim() == 2)
     if kind.startswith("byte_gpt"):
         positions, head = W, 256 * d
@@ -202,7 +215,9 @@ def at_flops(r: dict, flops: float) -> float:
 def label(kind: str, opts: dict) -> str:
     ngrams = "+".join(map(str, opts["ngrams"])) if opts["ngrams"] else "none"
     if kind.startswith("byte_patch"):
-        return f"byte_patch (P={patch_size(kind, opts)}, n-grams {ngrams})"
+        P, L = patch_variant(kind, opts)
+        depth = f", {L} layers" if len(opts["patch_layers"]) > 1 or L != opts["layers"] else ""
+        return f"byte_patch (P={P}{depth}, n-grams {ngrams})"
     return f"byte_gpt + n-grams {ngrams}" if kind == "byte_gpt_ngram" else kind
 
 
@@ -286,6 +301,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="byte_patch's patch sizes, comma-separated (the first is byte_patch, the goals' model; "
         "default: configs/small.yaml's)",
     )
+    ap.add_argument(
+        "--patch-layers", default=None, help="byte_patch's global depths, comma-separated (default: --layers)"
+    )
     ap.add_argument("--ngrams", default="2,3,4", help="hashed n-gram sizes (byte_patch, byte_gpt_ngram); 'none'")
     ap.add_argument("--dropout", type=float, default=0.0, help="the bit models' dropout")
     ap.add_argument(
@@ -317,6 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     opts = {
         "patch_bytes": [int(p) for p in args.patch_bytes.split(",")],
+        "patch_layers": [int(n) for n in (args.patch_layers or str(args.layers)).split(",")],
+        "layers": args.layers,
         "ngrams": [] if args.ngrams == "none" else [int(n) for n in args.ngrams.split(",")],
         "dropout": args.dropout,
         "ngram_dropout": args.ngram_dropout,
@@ -335,8 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         results, trained = [], []
         kinds = []
         for kind in args.models.split(","):
-            extra = [f"byte_patch_P{p}" for p in opts["patch_bytes"][1:]] if kind == "byte_patch" else []
-            kinds += [kind, *extra]
+            kinds += patch_kinds(opts) if kind == "byte_patch" else [kind]
         for kind in kinds:
             r, model = train_one(kind, setup, opts, args.minutes * 60, train, val, device)
             trained.append((kind, model))
