@@ -315,8 +315,8 @@ class BytePatchIO(nn.Module):
             rows = before + 256 * torch.arange(before.size(1), device=before.device)
             s["local_sum"], s["patch_sum"] = self.local_emb(rows).sum(1), self.byte_emb(rows).sum(1)
             if self.ngram_sizes:  # rows ending at the byte before the patch, then at each of its bytes
-                if s.get("ngram_hist") is None:  # a prompt shorter than a patch: a window's start, spelled
-                    s["ngram_hist"] = before.new_full((before.size(0), self.ngram_emb.hist), 256)  # out (lanes)
+                if s.get("ngram_hist") is None:  # no patch yet: a window's start, as a tensor a lane can join
+                    s["ngram_hist"] = before.new_full((before.size(0), self.ngram_emb.hist), 256)
                 e, s["recent"] = self.ngram_emb(before, s["ngram_hist"], before=True)
                 s["ngram_last"], s["patch_sum"] = e[:, -1], s["patch_sum"] + e[:, 1:].sum(1)
         return s
