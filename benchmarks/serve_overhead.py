@@ -10,7 +10,8 @@ over HTTP through the Serve application (proxy -> ingress -> model replica). A s
 through the three lengths' medians splits each way into a cost per request and a cost per
 byte (the JSON keeps each fit's residuals: with three lengths and a drifting machine, a few
 ms); the differences between the lines say what the decoding loop and Serve add to each.
-Also GET /health (proxy -> ingress -> model -> back, no generation).
+Also GET /health (proxy -> ingress -> model -> back, no generation) and GET /v1/models (proxy ->
+ingress -> back: the model replica's hop is the difference).
 """
 
 from __future__ import annotations
@@ -99,12 +100,13 @@ def main() -> None:
                     t = time.perf_counter()
                     way(n)
                     times[name][n].append(1000 * (time.perf_counter() - t))
-        health = []
+        gets: dict[str, list[float]] = {"/health": [], "/v1/models": []}
         for _ in range(args.pairs):
-            t = time.perf_counter()
-            with urllib.request.urlopen(f"{url}/health") as r:
-                r.read()
-            health.append(1000 * (time.perf_counter() - t))
+            for route, ms in gets.items():  # alternating
+                t = time.perf_counter()
+                with urllib.request.urlopen(f"{url}{route}") as r:
+                    r.read()
+                ms.append(1000 * (time.perf_counter() - t))
         serve.shutdown()
         ray.shutdown()
         loop.close()
@@ -126,7 +128,8 @@ def main() -> None:
             "serve_over_decoding_loop": {k: round(fits["http"][k] - fits["decoding_loop"][k], 3) for k in fits["http"]},
         },
         "http_vs_in_process_64_bytes": round(medians["http"][64] / medians["in_process"][64], 3),
-        "health_p50_ms": round(statistics.median(health), 2),
+        "health_p50_ms": round(statistics.median(gets["/health"]), 2),
+        "models_p50_ms": round(statistics.median(gets["/v1/models"]), 2),  # no model replica in it
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
