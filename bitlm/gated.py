@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -157,8 +157,17 @@ class ByteEvent:
     blocked: bool = False
     failed: dict[str, float] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:  # dataclasses.asdict's result, without its recursive deep copy
+        return {
+            "index": self.index,
+            "byte": self.byte,
+            "bits": list(self.bits),
+            "K": self.K,
+            "C": self.C,
+            "S": self.S,
+            "blocked": self.blocked,
+            "failed": dict(self.failed),
+        }
 
 
 # -- one attempt -------------------------------------------------------------------------------
@@ -249,6 +258,7 @@ def _gated(model, prompt_bits: torch.Tensor, steps, max_new_bytes: list[int], ga
     for i, step in enumerate(steps):
         bits = step.bits.cpu()
         K, C, S = running.update(bits, surprisal=step.surprisal())
+        data, rows = bits_to_bytes(bits.reshape(-1)), bits.tolist()  # every row's byte (parity checked) at once
         out: list[ByteEvent | None] = []
         for b in range(B):
             if done[b] or i >= max_new_bytes[b]:
@@ -258,8 +268,7 @@ def _gated(model, prompt_bits: torch.Tensor, steps, max_new_bytes: list[int], ga
             blocked = gates[b].should_trigger(C[b], S[b])
             done[b] = blocked
             failed = gates[b].failed_metrics() if blocked else {}
-            byte = bits_to_bytes(bits[b])[0]
-            out.append(ByteEvent(i, byte, bits[b].tolist(), K[b], C[b], S[b], blocked, failed))
+            out.append(ByteEvent(i, data[b], rows[b], K[b], C[b], S[b], blocked, failed))
         yield out
         if all(done):
             return

@@ -336,7 +336,7 @@ class RunningTelemetry:
         self.surprisal = torch.zeros(batch_size, dtype=torch.float64)  # model, data bits
         self.ref_surprisal = torch.zeros(batch_size, dtype=torch.float64)  # reference, bytes
         self.lz = [LZ76() for _ in range(batch_size)]  # the current block's parse (C)
-        self.lz_all = [LZ76() for _ in range(batch_size)]  # one parse of everything (K's L)
+        self.lz_all: list[LZ76] | None = None  # one parse of everything (K's L): the first block's, until it fills
         self.lz_done = [0.0] * batch_size  # phrases of the finished blocks
         self.lz_random_done = 0.0  # a random sequence's, for the same blocks
 
@@ -359,12 +359,15 @@ class RunningTelemetry:
         random_all = lz76_random(8 * self.n)
         for b, row in enumerate(bits[:, :8].numpy().astype(np.uint8)):
             self.lz[b].extend(row)
-            self.lz_all[b].extend(row)
+            if self.lz_all is not None:
+                self.lz_all[b].extend(row)
             c.append(min(1.0, (self.lz_done[b] + self.lz[b].count) / (self.lz_random_done + lz76_random(in_block))))
-            lz_rate.append(min(1.0, self.lz_all[b].count / random_all))
+            lz_rate.append(min(1.0, (self.lz_all or self.lz)[b].count / random_all))
         if in_block == LZ_BLOCK_BITS:  # the block is full: the next byte starts a new one
             self.lz_done = [d + lz.count for d, lz in zip(self.lz_done, self.lz)]
             self.lz_random_done += lz76_random(LZ_BLOCK_BITS)
+            if self.lz_all is None:  # the first block was everything so far: its parse goes on as the whole's
+                self.lz_all = self.lz
             self.lz = [LZ76() for _ in self.lz]
         k = [max(float(km), 1.0 - rate) for km, rate in zip(k_model, lz_rate)]  # the shorter code
         return k, c, s.tolist()

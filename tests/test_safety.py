@@ -105,3 +105,29 @@ def test_assess_generation_scores_repetition_low():
     logits = torch.zeros(rep.numel(), 2)
     report = assess_generation(rep, logits, c_floor=0.3, s_floor=0.0)
     assert not report.passed and report.C < 0.3
+
+
+def test_each_gated_event_carries_its_own_rows_byte_and_bits():
+    """stream_batch's events: per row, the byte its bits spell and the bits the row generated;
+    ``as_dict`` is dataclasses.asdict's result and shares no list with the event."""
+    import dataclasses
+
+    from bitlm.bits import bits_to_bytes
+    from bitlm.gated import GateSettings, stream_batch
+
+    torch.manual_seed(0)
+    model = BitTransformerLM(**{**TINY, "max_seq_len": 9 * 64}, arch="byte_patch", patch_bytes=2).eval()
+    prompts = [b"abcd", b"Hell", b"x yz"]
+    steps = list(stream_batch(model, prompts, [5, 3, 5], [1.0] * 3, [1.0] * 3, [1, 2, 3], GateSettings().open()))
+    for b, prompt in enumerate(prompts):
+        events = [step[b] for step in steps if step[b] is not None]
+        assert len(events) == [5, 3, 5][b] and [e.index for e in events] == list(range(len(events)))
+        assert all(bytes([e.byte]) == bits_to_bytes(e.bits) for e in events)
+        alone = [e for (e,) in stream_batch(model, [prompt], [len(events)], [1.0], [1.0], [b + 1], GateSettings().open())]
+        assert [(e.byte, e.bits) for e in alone] == [(e.byte, e.bits) for e in events]  # its row, not another's
+    event = steps[0][0]
+    d = event.as_dict()
+    assert d == dataclasses.asdict(event)
+    d["bits"].append(1)
+    d["failed"]["C"] = 0.0
+    assert len(event.bits) == 9 and event.failed == {}
