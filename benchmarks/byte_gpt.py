@@ -77,6 +77,7 @@ class ByteGPT(nn.Module):
         self, prompt: torch.Tensor, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> torch.Tensor:
         """``n`` bytes after ``prompt`` (B, T) through the KV cache; greedy at temperature 0."""
+        from bitlm.torch_utils import categorical
         from bitlm.model import KVCache
 
         cache = KVCache(len(self.blocks), self.pos_emb.num_embeddings)
@@ -86,7 +87,7 @@ class ByteGPT(nn.Module):
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
-                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=generator)
+                nxt = categorical(torch.softmax(logits / temperature, -1), generator)[:, None]  # bitlm's one draw
             out.append(nxt)
             logits = self(nxt, cache)[:, -1]
         return torch.cat(out, 1)

@@ -20,7 +20,7 @@ import torch
 
 from .bits import BYTE_BITS
 from .schedules import noise_level
-from .torch_utils import draw_device
+from .torch_utils import categorical, draw_device
 
 
 def corrupt(bits: torch.Tensor, level: torch.Tensor | float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -93,7 +93,7 @@ def diffusion_generate(
                 byte = log_q.argmax(-1)
             else:
                 probs = torch.softmax(log_q / temperature, -1).reshape(-1, 256)
-                byte = torch.multinomial(probs.to(where), 1, generator=generator).view(B, -1).to(device)
+                byte = categorical(probs, generator).view(B, -1)
             region = table[byte].view(B, n)  # parity set with each byte
             if k > 1:
                 region = corrupt(region, noise_level((k - 1) / steps, schedule), generator)

@@ -21,6 +21,7 @@ import torch
 from .bits import BYTE_BITS, bits_to_text, bytes_to_bits
 from .byte_patch import _PLACE, _TREE_BITS, _TREE_NODES, _TURNS, _ZERO_TURNS, node_logits
 from .drafts import GREEDY_DRAFT, PAUSE_STEPS, next_draft_count, propose_drafts
+from .torch_utils import categorical, uniform_rows
 
 
 class GeneratedByte:
@@ -77,7 +78,7 @@ def sample_bit(
     if bool((temperature <= 0).all()):
         return greedy
     probs = torch.softmax(logits.float() / temperature.clamp_min(1e-6)[:, None], dim=-1)
-    drawn = _row_draw(probs, generator)
+    drawn = categorical(probs, generator)
     keep_greedy = (temperature <= 0) | (probs.max(-1).values >= top_p)
     return torch.where(keep_greedy, greedy, drawn)
 
@@ -247,7 +248,7 @@ def _draw_byte(log_q: torch.Tensor, rule: _SamplingRule, generator) -> torch.Ten
     if rule.all_greedy:
         return greedy_byte(log_q)
     probs = rule.log_probs(log_q).float().exp()
-    drawn = _row_draw(probs, generator)
+    drawn = categorical(probs, generator)
     return torch.where(rule.greedy, greedy_byte(log_q), drawn) if rule.any_greedy else drawn
 
 
@@ -260,20 +261,6 @@ def path_logits(log_q: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     parity = bits[:, 8]
     fixed = torch.stack([-PARITY_LOGIT * parity, -PARITY_LOGIT * (1 - parity)], -1).to(path.dtype)
     return torch.cat([path, fixed[:, None]], 1)
-
-
-def _row_draw(probs: torch.Tensor, generator) -> torch.Tensor:
-    """One index (B,) per row of ``probs`` (B, K), each row's from its own generator when there is a list."""
-    if isinstance(generator, list):
-        return torch.stack([torch.multinomial(probs[i], 1, generator=g).squeeze(-1) for i, g in enumerate(generator)])
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _row_rand(B: int, n: int, generator, device) -> torch.Tensor:
-    """(B, n) uniform draws, each row's from its own generator when there is a list."""
-    if isinstance(generator, list):
-        return torch.stack([torch.rand(n, generator=g, device=device) for g in generator])
-    return torch.rand(B, n, generator=generator, device=device)
 
 
 def _kept(ok: torch.Tensor) -> int:
@@ -296,19 +283,19 @@ def _verify_drafts(model, cache, pending, d_vals, rule: _SamplingRule, generator
         nxt = best[:, kept]
     else:
         p = rule.log_probs(log_q).float().exp()  # the sampling distribution after each fed byte
-        ok = _row_rand(B, n, generator, dev) < p[:, :n].gather(2, d_vals[..., None]).squeeze(-1)
+        ok = uniform_rows(B, n, generator, dev) < p[:, :n].gather(2, d_vals[..., None]).squeeze(-1)
         if rule.any_greedy:
             ok = torch.where(greedy[:, None], best[:, :n] == d_vals, ok)
         kept = _kept(ok)
         # the byte after the kept drafts: a row's accepted draft, else a draw from p without it
-        q = p[:, kept]  # weights: multinomial needs no normalizing
+        q = p[:, kept]  # weights: categorical needs no normalizing
         if kept < n:
             accepted = ok[:, kept]
             # a greedy row takes its greedy byte below: its q need only be a distribution (its
             # draft rejected by greedy_byte may be all that p, from log-masses, allows at a tie)
             keep_q = accepted | greedy
             q = torch.where(keep_q[:, None], q, q.scatter(1, d_vals[:, kept : kept + 1], 0.0))
-        drawn = _row_draw(q, generator)
+        drawn = categorical(q, generator)
         nxt = torch.where(greedy, best[:, kept], drawn) if rule.any_greedy else drawn
         if kept < n:
             nxt = torch.where(accepted & ~greedy, d_vals[:, kept], nxt)

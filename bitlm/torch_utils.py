@@ -1,5 +1,5 @@
-"""The guide's ``bit_transformer.torch_utils``: CPU mixed precision; and where random draws
-happen when the data may sit on an accelerator.
+"""The guide's ``bit_transformer.torch_utils``: CPU mixed precision; where random draws
+happen when the data may sit on an accelerator; and the one categorical draw.
 
 The rule for generators: a draw is made on the device of the generator that makes it (torch
 refuses a generator of another device) and its result moves to the data. A function given no
@@ -40,3 +40,25 @@ def check_cpu_generator(generator: torch.Generator | None, where: str) -> None:
             f"{where} needs a CPU generator (it draws decisions on the host and its state is saved "
             f"with the run), got one on {generator.device}: pass torch.Generator().manual_seed(seed)"
         )
+
+
+def uniform_rows(B: int, n: int, generator, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, n) uniform draws in [0, 1) on ``device``, each row's from its own generator when
+    ``generator`` is a list of one per row (None: the global generator)."""
+    if isinstance(generator, list):
+        rows = [torch.rand(n, generator=g, device=draw_device(g, device), dtype=dtype) for g in generator]
+        return torch.stack(rows).to(device)
+    return torch.rand(B, n, generator=generator, device=draw_device(generator, device), dtype=dtype).to(device)
+
+
+def categorical(weights: torch.Tensor, generator) -> torch.Tensor:
+    """One index (B,) per row of ``weights`` (B, K) (not necessarily normalized), each row's
+    from its own generator when there is a list: every categorical draw of bitlm (bits, bytes,
+    drafts, denoising). By inverse CDF: one float64 uniform a row against the row's cumulative
+    weights, as torch.multinomial draws one sample, but every row's search in one call (a batch
+    of requests drew a multinomial each). Index k comes out for u * total in [cdf[k-1], cdf[k]):
+    probability weights[k] / total, never a zero weight; u < 1, so u * total rounds to below
+    total (round to nearest) and k is at most K - 1."""
+    cdf = weights.double().cumsum(-1)
+    u = uniform_rows(weights.size(0), 1, generator, weights.device, torch.float64)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)

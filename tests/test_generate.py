@@ -85,3 +85,23 @@ def test_greedy_byte_is_the_bit_by_bit_greedy_path_not_the_likeliest_byte():
     walked = byte_log_probs(node_logits(peaked), 0.0, 1.0).argmax(-1)
     assert 20 < int((peaked.max(-1).values > math.log(0.5)).sum()) < 180
     assert [int(greedy_byte(row[None])) for row in peaked] == walked.tolist()
+
+
+def test_row_draws_follow_each_rows_weights_and_its_own_generator():
+    """The one categorical draw (inverse CDF): frequencies match unnormalized weights, a zero
+    weight never comes out (a last one included: u * total stays below the total), and in a batch with
+    one generator per row each row draws what it draws alone."""
+    from bitlm.torch_utils import categorical
+
+    w = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0], [1.0, 1.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    drawn = torch.stack([categorical(w, g) for _ in range(20000)])  # (n, 3)
+    freq = torch.stack([torch.bincount(drawn[:, r], minlength=4) for r in range(3)]).float() / len(drawn)
+    assert torch.allclose(freq, w / w.sum(-1, keepdim=True), atol=0.015)
+    assert not (freq[w == 0] > 0).any()
+    top = torch.tensor([[1.0, 2.0**-60, 0.0]])
+    assert all(int(categorical(top, torch.Generator().manual_seed(s))) < 2 for s in range(200))
+    seeds = [3, 4, 5]
+    together = categorical(w, [torch.Generator().manual_seed(s) for s in seeds])
+    alone = [int(categorical(w[r : r + 1], torch.Generator().manual_seed(s))) for r, s in enumerate(seeds)]
+    assert together.tolist() == alone

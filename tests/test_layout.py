@@ -96,6 +96,8 @@ def test_each_idea_is_written_once():
         assert _uses(rf"\b{fn}\(") == {"bitlm/telemetry.py"}, fn
     # the retry loop and its temperature bump: the one gated loop
     assert _uses(r"TEMPERATURE_STEP|\+ 0\.25") == {"bitlm/gated.py"}
+    # a categorical draw (bits, bytes, drafts, denoising, the yardstick's bytes): torch_utils.categorical
+    assert _uses(r"multinomial\(") == set()
     # the plateau rule: scale.py, used by train_loop and by Tune's scheduler
     assert _uses(r"class \w*Plateau|best - self\.min_delta") == {"bitlm/scale.py"}
 
