@@ -46,8 +46,7 @@ def uniform_rows(B: int, n: int, generator, device, dtype: torch.dtype = torch.f
     """(B, n) uniform draws in [0, 1) on ``device``, each row's from its own generator when
     ``generator`` is a list of one per row (None: the global generator)."""
     if isinstance(generator, list):
-        rows = [torch.rand(n, generator=g, device=draw_device(g, device), dtype=dtype) for g in generator]
-        return torch.stack(rows).to(device)
+        return torch.stack([torch.rand(n, generator=g, device=draw_device(g, device), dtype=dtype).to(device) for g in generator])
     return torch.rand(B, n, generator=generator, device=draw_device(generator, device), dtype=dtype).to(device)
 
 
@@ -58,7 +57,13 @@ def categorical(weights: torch.Tensor, generator) -> torch.Tensor:
     weights, as torch.multinomial draws one sample, but every row's search in one call (a batch
     of requests drew a multinomial each). Index k comes out for u * total in [cdf[k-1], cdf[k]):
     probability weights[k] / total, never a zero weight; u < 1, so u * total rounds to below
-    total (round to nearest) and k is at most K - 1."""
+    total (round to nearest) and k is at most K - 1. Weights that are negative, not finite or
+    all zero in a row are refused by name on the CPU (reading the check costs no device sync
+    there); on an accelerator such a row's index is clamped to K - 1 rather than left past the
+    end (torch.multinomial's device-side assert would take the process down)."""
     cdf = weights.double().cumsum(-1)
+    total = cdf[:, -1:]
+    if weights.device.type == "cpu" and not bool((weights >= 0).all() & (total > 0).all() & total.isfinite().all()):
+        raise ValueError("categorical needs finite, non-negative weights with a positive sum in every row")
     u = uniform_rows(weights.size(0), 1, generator, weights.device, torch.float64)
-    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return torch.searchsorted(cdf, u * total, right=True).squeeze(-1).clamp_max(weights.size(-1) - 1)

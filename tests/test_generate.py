@@ -87,10 +87,10 @@ def test_greedy_byte_is_the_bit_by_bit_greedy_path_not_the_likeliest_byte():
     assert [int(greedy_byte(row[None])) for row in peaked] == walked.tolist()
 
 
-def test_row_draws_follow_each_rows_weights_and_its_own_generator():
+def test_row_draws_follow_each_rows_weights_and_its_own_generator(monkeypatch):
     """The one categorical draw (inverse CDF): frequencies match unnormalized weights, a zero
-    weight never comes out (a last one included: u * total stays below the total), and in a batch with
-    one generator per row each row draws what it draws alone."""
+    weight never comes out (at either extreme of the uniform), bad weights are refused by name,
+    and in a batch with one generator per row each row draws what it draws alone."""
     from bitlm.torch_utils import categorical
 
     w = torch.tensor([[0.1, 0.0, 0.6, 0.3], [0.0, 0.0, 0.0, 2.0], [1.0, 1.0, 0.0, 0.0]])
@@ -99,8 +99,14 @@ def test_row_draws_follow_each_rows_weights_and_its_own_generator():
     freq = torch.stack([torch.bincount(drawn[:, r], minlength=4) for r in range(3)]).float() / len(drawn)
     assert torch.allclose(freq, w / w.sum(-1, keepdim=True), atol=0.015)
     assert not (freq[w == 0] > 0).any()
-    top = torch.tensor([[1.0, 2.0**-60, 0.0]])
-    assert all(int(categorical(top, torch.Generator().manual_seed(s))) < 2 for s in range(200))
+    for u, weights, expected in ((1 - 2.0**-53, [1.0, 2.0, 0.0], 1), (0.0, [0.0, 0.0, 1.0], 2)):  # the extremes of u
+        fixed = lambda B, n, generator, device, dtype=torch.float32, u=u: torch.full((B, n), u, dtype=dtype)  # noqa: E731
+        monkeypatch.setattr("bitlm.torch_utils.uniform_rows", fixed)
+        assert int(categorical(torch.tensor([weights]), None)) == expected
+    monkeypatch.undo()
+    for bad in ([0.0, 0.0], [1.0, float("nan")], [-1.0, 2.0], [1.0, float("inf")]):
+        with pytest.raises(ValueError, match="non-negative weights"):
+            categorical(torch.tensor([[1.0, 1.0], bad]), g)
     seeds = [3, 4, 5]
     together = categorical(w, [torch.Generator().manual_seed(s) for s in seeds])
     alone = [int(categorical(w[r : r + 1], torch.Generator().manual_seed(s))) for r, s in enumerate(seeds)]
