@@ -77,8 +77,8 @@ class ByteGPT(nn.Module):
         self, prompt: torch.Tensor, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> torch.Tensor:
         """``n`` bytes after ``prompt`` (B, T) through the KV cache; greedy at temperature 0."""
-        from bitlm.torch_utils import categorical
         from bitlm.model import KVCache
+        from bitlm.torch_utils import categorical
 
         cache = KVCache(len(self.blocks), self.pos_emb.num_embeddings)
         logits = self(prompt, cache)[:, -1]

@@ -46,7 +46,9 @@ def uniform_rows(B: int, n: int, generator, device, dtype: torch.dtype = torch.f
     """(B, n) uniform draws in [0, 1) on ``device``, each row's from its own generator when
     ``generator`` is a list of one per row (None: the global generator)."""
     if isinstance(generator, list):
-        return torch.stack([torch.rand(n, generator=g, device=draw_device(g, device), dtype=dtype).to(device) for g in generator])
+        return torch.stack(
+            [torch.rand(n, generator=g, device=draw_device(g, device), dtype=dtype).to(device) for g in generator]
+        )
     return torch.rand(B, n, generator=generator, device=draw_device(generator, device), dtype=dtype).to(device)
 
 

@@ -123,7 +123,9 @@ def test_each_gated_event_carries_its_own_rows_byte_and_bits():
         events = [step[b] for step in steps if step[b] is not None]
         assert len(events) == [5, 3, 5][b] and [e.index for e in events] == list(range(len(events)))
         assert all(bytes([e.byte]) == bits_to_bytes(e.bits) for e in events)
-        alone = [e for (e,) in stream_batch(model, [prompt], [len(events)], [1.0], [1.0], [b + 1], GateSettings().open())]
+        alone = [
+            e for (e,) in stream_batch(model, [prompt], [len(events)], [1.0], [1.0], [b + 1], GateSettings().open())
+        ]
         assert [(e.byte, e.bits) for e in alone] == [(e.byte, e.bits) for e in events]  # its row, not another's
     event = steps[0][0]
     d = event.as_dict()
