@@ -158,16 +158,7 @@ class ByteEvent:
     failed: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:  # dataclasses.asdict's result, without its recursive deep copy
-        return {
-            "index": self.index,
-            "byte": self.byte,
-            "bits": list(self.bits),
-            "K": self.K,
-            "C": self.C,
-            "S": self.S,
-            "blocked": self.blocked,
-            "failed": dict(self.failed),
-        }
+        return {**vars(self), "bits": list(self.bits), "failed": dict(self.failed)}
 
 
 # -- one attempt -------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ async def _busy(request: Request, exc: BackPressureError) -> JSONResponse:
 class _Access:
     """The optional API key (serve/auth.py), before any route runs. Plain ASGI: Starlette's
     ``@app.middleware("http")`` runs every request through a second task and memory streams,
-    measured at ~2.5 ms a request here (benchmarks/serve_overhead.py), and this needs none of it."""
+    which this check does not need."""
 
     def __init__(self, app):
         self.app = app

@@ -87,7 +87,7 @@ def test_greedy_byte_is_the_bit_by_bit_greedy_path_not_the_likeliest_byte():
     assert [int(greedy_byte(row[None])) for row in peaked] == walked.tolist()
 
 
-def test_row_draws_follow_each_rows_weights_and_its_own_generator(monkeypatch):
+def test_categorical_draws_follow_each_rows_weights_and_its_own_generator(monkeypatch):
     """The one categorical draw (inverse CDF): frequencies match unnormalized weights, a zero
     weight never comes out (at either extreme of the uniform), bad weights are refused by name,
     and in a batch with one generator per row each row draws what it draws alone."""
