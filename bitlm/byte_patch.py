@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from .bits import BYTE_BITS
 from .config import ModelConfig
 from .ngrams import NgramEmbedding
+from .torch_utils import gelu
 
 PARITY_LOGIT = 1e4
 _PLACE = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])
@@ -397,7 +398,7 @@ class BytePatchIO(nn.Module):
 
     def _local_mix(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_local(x)
-        return x + self.local_proj(F.gelu(self.local_fc(x)))
+        return x + self.local_proj(gelu(self.local_fc(x)))
 
 
 _VALUES = torch.arange(256)

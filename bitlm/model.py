@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache
@@ -30,6 +29,7 @@ from .config import ModelConfig
 from .reference import Reference
 from .reversible import reversible_stack
 from .telemetry import logit_telemetry
+from .torch_utils import gelu
 
 
 class MLP(nn.Module):
@@ -39,7 +39,7 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.dim_feedforward, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(gelu(self.fc(x)))
 
 
 def apply_dropout(drop: nn.Dropout, x: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The guide's ``bit_transformer.torch_utils``: CPU mixed precision; where random draws
-happen when the data may sit on an accelerator; and the one categorical draw.
+happen when the data may sit on an accelerator; the one categorical draw; and GELU.
 
 The rule for generators: a draw is made on the device of the generator that makes it (torch
 refuses a generator of another device) and its result moves to the data. A function given no
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
 
 @contextlib.contextmanager
@@ -69,3 +70,22 @@ def categorical(weights: torch.Tensor, generator) -> torch.Tensor:
         raise ValueError("categorical needs finite, non-negative weights with a positive sum in every row")
     u = uniform_rows(weights.size(0), 1, generator, weights.device, torch.float64)
     return torch.searchsorted(cdf, u * total, right=True).squeeze(-1).clamp_max(weights.size(-1) - 1)
+
+
+# Below this many elements, gelu keeps a CPU tensor off oneDNN (see gelu). Past it oneDNN's
+# kernel is the faster one (a training step's activations: tens of thousands of elements and up).
+ONEDNN_GELU_MIN = 1 << 15
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """``F.gelu(x)`` (the exact, erf form), the GELU of every bitlm model. On the CPU, ATen hands
+    a contiguous float tensor's GELU to oneDNN, whose call has a fixed cost of microseconds
+    (several in a loop of GELUs, tens between a decoding step's other operations) however small
+    the tensor: most of a decoding step's GELU. A tensor that is not contiguous goes to ATen's
+    own kernel instead, which computes the same function (within float32 rounding), so a small
+    CPU tensor is passed as a transposed view of itself (its last dimension split in two) and the
+    result viewed back. ``benchmarks/gen_speed.py`` measures what it changes."""
+    n = x.size(-1)
+    if x.is_cpu and x.numel() < ONEDNN_GELU_MIN and n % 2 == 0 and x.is_contiguous():
+        return F.gelu(x.unflatten(-1, (2, n // 2)).transpose(-1, -2)).transpose(-1, -2).flatten(-2)
+    return F.gelu(x)

@@ -98,6 +98,8 @@ def test_each_idea_is_written_once():
     assert _uses(r"TEMPERATURE_STEP|\+ 0\.25") == {"bitlm/gated.py"}
     # a categorical draw (bits, bytes, drafts, denoising, the yardstick's bytes): torch_utils.categorical
     assert _uses(r"multinomial\(") == set()
+    # GELU (the exact form, off oneDNN for decoding's small tensors): torch_utils.gelu
+    assert _uses(r"F\.gelu\(|functional\.gelu\(|nn\.GELU\(") == {"bitlm/torch_utils.py"}
     # the plateau rule: scale.py, used by train_loop and by Tune's scheduler
     assert _uses(r"class \w*Plateau|best - self\.min_delta") == {"bitlm/scale.py"}
 
