@@ -7,7 +7,10 @@ same work whatever the weights say (speculative decoding does not, so it is meas
 models, in benchmarks/quality.py). Models: the byte GPT (benchmarks/byte_gpt.py), the same with
 byte_patch's n-gram input embeddings, BitTransformerLM(arch="byte_patch") as configs/small.yaml
 builds it (four bytes a patch: one global step per four bytes, a local step per byte), and the
-same at one byte per patch (``byte_patch_P1``). Greedy also times byte_patch_P1 with the
+same at one byte per patch (``byte_patch_P1``). ``<model>@onednn_gelu`` is the byte GPT or
+byte_patch with every GELU as plain ``F.gelu``, oneDNN's kernel at every size, instead of
+bitlm.torch_utils.gelu (ATen's own kernel for small CPU tensors): what that routing gains,
+reported as ``gelu_routing_gain``. Greedy also times byte_patch_P1 with the
 library's default (``draft=None``: one greedy row speculates, which only a patch of one byte can),
 on these weights the case where drafts are rejected: what speculating costs when it does not
 pay. Each generates ``--new-bytes`` bytes after a 64-byte prompt through its KV cache, sampled
@@ -19,6 +22,7 @@ model's ratio to each GPT (of medians). Ratios within one run are what to compar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -31,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from byte_gpt import ByteGPT  # noqa: E402
 
 from bitlm import BitTransformerLM, load_config  # noqa: E402
@@ -53,7 +58,25 @@ def models(new_bytes: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def onednn_gelu():
+    """Every bitlm GELU as plain F.gelu for the block (the models' modules read the name ``gelu``
+    at each call)."""
+    import bitlm.byte_patch
+    import bitlm.model
+
+    saved = bitlm.model.gelu, bitlm.byte_patch.gelu
+    bitlm.model.gelu = bitlm.byte_patch.gelu = F.gelu
+    try:
+        yield
+    finally:
+        bitlm.model.gelu, bitlm.byte_patch.gelu = saved
+
+
 def run(kind: str, model, prompt: torch.Tensor, n: int, temperature: float) -> float:
+    if kind.endswith("@onednn_gelu"):
+        with onednn_gelu():
+            return run(kind.removesuffix("@onednn_gelu"), model, prompt, n, temperature)
     g = torch.Generator().manual_seed(0)
     t = time.perf_counter()
     if kind.startswith("byte_gpt"):
@@ -74,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ms = models(args.new_bytes)
+    ms |= {f"{k}@onednn_gelu": ms[k] for k in ("byte_gpt", "byte_patch")}
     prompt = torch.randint(0, 256, (1, PROMPT), dtype=torch.uint8)
     result: dict = {"setup": vars(args), "bytes_per_s": {}, "byte_patch_vs": {}}
     with torch.no_grad():
@@ -94,13 +118,17 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{bp}_vs_{k}": med[bp] / med[k]
                 for bp in ("byte_patch", "byte_patch_P1")
                 for k in ms
-                if k.startswith("byte_gpt")
+                if k.startswith("byte_gpt") and "@" not in k
+            }
+            result.setdefault("gelu_routing_gain", {})[mode] = {
+                k: med[k] / med[f"{k}@onednn_gelu"] for k in ("byte_gpt", "byte_patch")
             }
             if "byte_patch_P1_default" in med:  # the default's cost where drafts are rejected
                 result["byte_patch_vs"][mode]["byte_patch_P1_default_over_plain"] = (
                     med["byte_patch_P1_default"] / med["byte_patch_P1"]
                 )
             print(mode, {k: round(v) for k, v in med.items()}, result["byte_patch_vs"][mode], flush=True)
+            print(mode, "gelu routing gain", result["gelu_routing_gain"][mode], flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
