@@ -72,7 +72,7 @@ class ByteGPT(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self, prompt: torch.Tensor, n: int, generator: torch.Generator | None = None, temperature: float = 1.0
     ) -> torch.Tensor:

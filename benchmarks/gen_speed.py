@@ -13,7 +13,8 @@ bitlm.torch_utils.gelu (ATen's own kernel for small CPU tensors): what that rout
 reported as ``gelu_routing_gain``. Greedy also times byte_patch_P1 with the
 library's default (``draft=None``: one greedy row speculates, which only a patch of one byte can),
 on these weights the case where drafts are rejected: what speculating costs when it does not
-pay. Each generates ``--new-bytes`` bytes after a 64-byte prompt through its KV cache, sampled
+pay. All decode in ``torch.inference_mode`` (bitlm's iter_generate and the yardstick's
+generate alike). Each generates ``--new-bytes`` bytes after a 64-byte prompt through its KV cache, sampled
 (temperature 1) and greedy; the runs of all models alternate, ``--repeats`` rounds, so a
 disturbance hits them alike; reported: the median and best bytes/s of each, and each byte_patch
 model's ratio to each GPT (of medians). Ratios within one run are what to compare.
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     ms |= {f"{k}@onednn_gelu": ms[k] for k in ("byte_gpt", "byte_patch")}
     prompt = torch.randint(0, 256, (1, PROMPT), dtype=torch.uint8)
     result: dict = {"setup": vars(args), "bytes_per_s": {}, "byte_patch_vs": {}}
-    with torch.no_grad():
+    with torch.inference_mode():
         for mode, temperature in (("sampled", 1.0), ("greedy", 0.0)):
             if mode == "greedy":
                 ms = {**ms, "byte_patch_P1_default": ms["byte_patch_P1"]}

@@ -94,7 +94,7 @@ def _check_prompt(prompt_bits: torch.Tensor) -> torch.Tensor:
     return prompt_bits
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def iter_generate(
     model: torch.nn.Module,
     prompt_bits: torch.Tensor,
@@ -112,7 +112,12 @@ def iter_generate(
     rounding at near ties), and samples from the same distribution, as plain decoding. 0 is
     plain decoding; None (the default): up to GREEDY_DRAFT for one greedy row of a model that
     can verify drafts (measured: README), else 0 (sampled drafts are seldom accepted). A draft
-    > 0 asked of a model with several bytes per patch, or without the cache, is a ValueError."""
+    > 0 asked of a model with several bytes per patch, or without the cache, is a ValueError.
+
+    Decoding runs in ``torch.inference_mode`` (no autograd records or version counters, costs
+    that every one of batch-1 decoding's many small operations pays), so what it yields are
+    inference tensors: read them, or ``.clone()`` one to write into it. generate_bits
+    returns an ordinary tensor."""
     seq = _check_prompt(prompt_bits).to(next(model.parameters()).device)
     can_speculate = use_cache and getattr(model.io, "P", 0) == 1
     if draft is None:  # read the temperatures only when the caller left the choice

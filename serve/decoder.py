@@ -219,7 +219,7 @@ class Decoder:
 
     def _run(self) -> None:
         running: list[_Group] = []
-        with torch.no_grad():
+        with torch.inference_mode():
             while True:
                 running += self._admit(running, sum(sum(g.open) for g in running))
                 if self.shared is not None and len(self.shared):

@@ -111,3 +111,40 @@ def test_categorical_draws_follow_each_rows_weights_and_its_own_generator(monkey
     together = categorical(w, [torch.Generator().manual_seed(s) for s in seeds])
     alone = [int(categorical(w[r : r + 1], torch.Generator().manual_seed(s))) for r, s in enumerate(seeds)]
     assert together.tolist() == alone
+
+
+@pytest.mark.parametrize("arch", ["bit", "byte_patch"])
+def test_generation_records_nothing_for_autograd_and_training_goes_on_after_it(arch):
+    """Decoding runs in inference mode: what iter_generate yields are inference tensors (no
+    autograd, no version counters), while generate_bits returns an ordinary tensor its caller
+    may write into. Nothing decoding leaves behind on the model breaks training: a step of the
+    one objective after sampled, greedy (speculative at one byte a patch) and uncached decoding
+    still back-propagates into every parameter and changes the loss."""
+    from bitlm import iter_generate
+    from bitlm.config import TrainConfig
+    from bitlm.objectives import BitObjective
+
+    torch.manual_seed(0)
+    model = BitTransformerLM(**TINY, arch=arch, **({"patch_bytes": 1} if arch == "byte_patch" else {}))
+    batch = torch.tensor(text_to_bits("the cat sat")).unsqueeze(0).repeat(2, 1)
+    objective = BitObjective(TrainConfig(), model.config)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = objective(model, batch, 0)[0]
+    prompt = batch[:, :27]
+    steps = list(iter_generate(model, prompt, 4, temperature=1.0))
+    assert all(torch.is_inference(s.bits) for s in steps)
+    outs = [
+        generate_bits(model, prompt, 6, temperature=1.0, generator=torch.Generator().manual_seed(0)),
+        generate_bits(model, prompt[:1], 6, temperature=0.0),
+        generate_bits(model, prompt, 3, temperature=1.0, use_cache=False),
+    ]
+    for out in outs:
+        assert not torch.is_inference(out) and not out.requires_grad
+        out[:, -1] = out[:, -1]  # an ordinary tensor: writing into it is allowed
+    model.train()
+    loss = objective(model, batch, 1)[0]
+    opt.zero_grad()
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    opt.step()
+    assert objective(model, batch, 2)[0].item() != before.item()
