@@ -115,14 +115,18 @@ def _compile(name: str, device: torch.device):
         compiled = torch.compile(fn, dynamic=True)
         # Compiled here, not in the first request that needs it (seconds): as it is called
         # (without gradients, on tensors that are no views) at two shapes, the second of which
-        # makes the sizes symbolic, so that later shapes reuse the kernels.
-        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        # makes the sizes symbolic, so that later shapes reuse the kernels; in both modes that
+        # call it, which compile apart: evaluation's no_grad, and decoding's inference_mode
+        # (activations made in it, the layer's scale and bias not).
+        for mode in (torch.no_grad, torch.inference_mode):
             for n, k in ((_FUSE_MIN_ROWS, 8), (_FUSE_MIN_ROWS + 1, 24)):
-                if name == "quantize":
-                    compiled(torch.ones(n, k, device=device))
-                else:
-                    rows, scale, bias = (torch.ones(*s, device=device) for s in ((n, 1), (k,), (k,)))
-                    compiled(torch.ones(n, k, dtype=torch.int32, device=device), rows, scale, bias)
+                scale, bias = torch.ones(k, device=device), torch.ones(k, device=device)
+                with mode(), torch.autocast(device.type, enabled=False):
+                    if name == "quantize":
+                        compiled(torch.ones(n, k, device=device))
+                    else:
+                        rows = torch.ones(n, 1, device=device)
+                        compiled(torch.ones(n, k, dtype=torch.int32, device=device), rows, scale, bias)
     except Exception:  # noqa: BLE001 - no compiler here: stay eager
         compiled = fn
     _FUSED[(name, device.type)] = compiled  # published once ready: the unlocked read sees it whole

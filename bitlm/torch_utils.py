@@ -88,7 +88,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     own kernel instead, which computes the same function (within float32 rounding), so a small
     CPU tensor is passed as a transposed view of itself (its last dimension split in two) and the
     result viewed back. ``benchmarks/gen_speed.py`` measures what it changes."""
-    n = x.size(-1)
+    n = x.size(-1) if x.dim() else 1
     if x.is_cpu and x.numel() < ONEDNN_GELU_MIN and n % 2 == 0 and x.is_contiguous():
         return F.gelu(x.unflatten(-1, (2, n // 2)).transpose(-1, -2)).transpose(-1, -2).flatten(-2)
     return F.gelu(x)

@@ -138,7 +138,7 @@ def test_int8_model_on_the_cublas_path_gives_the_cpu_answer(monkeypatch, model):
 def test_fused_int8_passes_compile_once_and_serve_every_shape(model):
     """prepare_fused compiles the passes that inputs of 256 rows or more take (a Serve replica
     calls it as it starts); later inputs of other shapes, as inference makes them (no
-    gradients, (B, T, C) activations as rows), reuse them: no recompilation, no request waits."""
+    gradients or inference mode, (B, T, C) activations as rows), reuse them: no recompilation, no request waits."""
     from torch._dynamo.utils import counters
 
     prepare_fused("cpu")
@@ -151,4 +151,6 @@ def test_fused_int8_passes_compile_once_and_serve_every_shape(model):
             assert torch.allclose(q(bits)[0], model(bits)[0], atol=0.2)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as a use_autocast model calls them
             q(torch.randint(0, 2, (4, 72)))
+    with torch.inference_mode():  # as decoding calls them (iter_generate, a Serve replica's loop)
+        q(torch.randint(0, 2, (3, 99)))
     assert counters["stats"]["unique_graphs"] == graphs

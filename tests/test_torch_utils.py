@@ -14,13 +14,15 @@ def _aten_gelu(x: torch.Tensor) -> torch.Tensor:
         return F.gelu(x)
 
 
-@pytest.mark.parametrize("shape", [(1, 256), (3, 1, 512), (16, 256), (2, 3, 8), (5, 9), (7,), (1, 1), (4, 64, 512)])
+@pytest.mark.parametrize(
+    "shape", [(1, 256), (3, 1, 512), (16, 256), (2, 3, 8), (5, 9), (7,), (1, 1), (), (0, 4), (4, 64, 512)]
+)
 def test_gelu_is_f_gelu_in_values_and_gradients(shape):
     """Same shape, contiguous, and F.gelu's values and gradients (within float32 rounding) for
-    sizes on either side of the oneDNN threshold, odd last dimensions, a single element and a
-    transposed (non-contiguous) input."""
+    sizes on either side of the oneDNN threshold, odd last dimensions, a single element, a
+    scalar, an empty tensor and a transposed (non-contiguous) input."""
     torch.manual_seed(0)
-    x = (3 * torch.randn(*shape)).requires_grad_()
+    x = (3 * torch.randn(shape)).requires_grad_()
     y, ref = gelu(x), F.gelu(x)
     assert y.shape == ref.shape and y.is_contiguous()
     torch.testing.assert_close(y, ref, rtol=0, atol=2e-6)
@@ -37,7 +39,8 @@ def test_small_cpu_tensors_take_atens_kernel_and_large_ones_onednns():
     threshold on, exactly F.gelu's (oneDNN's, faster at training's sizes)."""
     torch.manual_seed(0)
     small = 3 * torch.randn(16, 256)
-    assert not torch.equal(F.gelu(small), _aten_gelu(small))  # the two kernels do differ here
+    if torch.equal(F.gelu(small), _aten_gelu(small)):  # a torch build or CPU without oneDNN's GELU
+        pytest.skip("F.gelu already gives ATen's values here: nothing to route around")
     assert torch.equal(gelu(small), _aten_gelu(small))
     large = 3 * torch.randn(ONEDNN_GELU_MIN // 256, 256)
     assert torch.equal(gelu(large), F.gelu(large))
