@@ -75,19 +75,18 @@ def categorical(weights: torch.Tensor, generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u * total, right=True).squeeze(-1).clamp_max(weights.size(-1) - 1)
 
 
-# Below this many elements, gelu keeps a CPU tensor off oneDNN (see gelu). Past it oneDNN's
-# kernel is the faster one (a training step's activations: tens of thousands of elements and up).
+# Below this many elements, gelu keeps a CPU tensor off oneDNN (see gelu). Past it, where a
+# training step's activations are, oneDNN's kernel is left to do the work it is built for.
 ONEDNN_GELU_MIN = 1 << 15
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
     """``F.gelu(x)`` (the exact, erf form), the GELU of every bitlm model. On the CPU, ATen hands
-    a contiguous float tensor's GELU to oneDNN, whose call has a fixed cost of microseconds
-    (several in a loop of GELUs, tens between a decoding step's other operations) however small
-    the tensor: most of a decoding step's GELU. A tensor that is not contiguous goes to ATen's
+    a contiguous float tensor's GELU to oneDNN, whose call has a fixed cost however small the
+    tensor, paid at every GELU of a decoding step. A tensor that is not contiguous goes to ATen's
     own kernel instead, which computes the same function (within float32 rounding), so a small
     CPU tensor is passed as a transposed view of itself (its last dimension split in two) and the
-    result viewed back. ``benchmarks/gen_speed.py`` measures what it changes."""
+    result viewed back. ``benchmarks/gen_speed.py`` measures what it changes (README)."""
     n = x.size(-1) if x.dim() else 1
     if x.is_cpu and x.numel() < ONEDNN_GELU_MIN and n % 2 == 0 and x.is_contiguous():
         return F.gelu(x.unflatten(-1, (2, n // 2)).transpose(-1, -2)).transpose(-1, -2).flatten(-2)
