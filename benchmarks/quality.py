@@ -1,8 +1,8 @@
 """Quality at equal time and at equal FLOPs: the byte-level GPT against BitTransformerLM.
 
     python benchmarks/quality.py [--minutes 5] [--corpus pydoc,vimdoc] [--device cpu|cuda]
-                                 [--models byte_gpt,byte_gpt_ngram,byte_patch] [--patch-bytes 4,1]
-                                 [--patch-layers 4,6] [--out benchmarks/results/quality.json]
+                                 [--models byte_gpt,byte_gpt_ngram,byte_patch,space_patch] [--patch-bytes 4,1]
+                                 [--patch-layers 4,6] [--space-max-patch 8] [--out benchmarks/results/quality.json]
 
 For each corpus (benchmarks/corpora.py: the built-in pydoc topics, and Vim's help files from
 another domain) and one after another on the same split and the same wall-clock budget, each
@@ -17,7 +17,11 @@ models through the one objective (bitlm.objectives), the byte GPT through its ow
   several patch sizes and ``--patch-layers`` several depths of its global model (default: the
   other models' ``--layers``), each pair trained in turn (``byte_patch_P<n>_L<m>`` after the
   first, ``byte_patch``, which the goals are read for; ``_L<m>`` only when several depths are listed);
-- ``bit``: BitTransformerLM(arch="bit"), the guide's one position per bit.
+- ``bit``: BitTransformerLM(arch="bit"), the guide's one position per bit;
+- ``space_patch``: an experiment (benchmarks/space_patch.py), byte_patch's design on bytes with
+  dynamic patches that end after space-like bytes (SpaceByte's rule, made causal; at most
+  ``--space-max-patch`` bytes): do word-aligned patches beat fixed ones? It trains and scores
+  only (no decoding: its generation speed is not measured).
 
 All at the same d_model and depth. Reported per corpus, in one JSON and one markdown table:
 validation bits per byte (data bits) at the end of the budget, and at equal training FLOPs
@@ -49,6 +53,7 @@ import torch  # noqa: E402
 from byte_gpt import ByteGPT, ByteObjective, byte_nll  # noqa: E402
 from corpora import CORPORA  # noqa: E402
 from generation import bytes_per_call, generation_speed, sync_device  # noqa: E402
+from space_patch import SpacePatchLM  # noqa: E402
 
 from bitlm import BitTransformerLM, TrainConfig, Trainer, load_config  # noqa: E402
 from bitlm.bits import byte_tensor_to_bits  # noqa: E402
@@ -93,7 +98,21 @@ def patch_kinds(opts: dict) -> list[str]:
     return ["byte_patch"] + [f"byte_patch_P{P}" + (f"_L{L}" if depth else "") for P, L in pairs[1:]]
 
 
+def byte_level(kind: str) -> bool:
+    """Whether the model reads bytes and answers 256-way logits (else bits, through bitlm)."""
+    return kind.startswith("byte_gpt") or kind == "space_patch"
+
+
 def build(kind: str, s: dict, opts: dict):
+    if kind == "space_patch":
+        size = (s["d_model"], s["nhead"], s["num_layers"], s["dim_feedforward"], s["window"])
+        return SpacePatchLM(
+            *size,
+            max_patch=opts["space_max_patch"],
+            dropout=opts["dropout"],
+            ngram_sizes=opts["ngrams"] or None,
+            ngram_dropout=opts["ngram_dropout"],
+        )
     if kind.startswith("byte_gpt"):
         ngrams = opts["ngrams"] if kind == "byte_gpt_ngram" else None
         size = (s["d_model"], s["nhead"], s["num_layers"], s["dim_feedforward"], s["window"])
@@ -129,6 +148,9 @@ def step_flops(kind: str, model, s: dict) -> float:
     if kind == "bit":
         positions = 9 * W
         return B * positions * (6 * (block + 2 * d) + 12 * L * positions * d)
+    if kind == "space_patch":  # the patches its training windows made, on average
+        positions, local = model.mean_positions(), 256 * d + 4 * d * d
+        return B * (positions * (6 * block + 12 * L * positions * d) + W * 6 * local)
     positions = W // model.config.patch_bytes + 1
     local = 256 * d + (4 * d * d if model.config.patch_bytes > 1 else 0)  # head; local_fc, local_proj
     return B * (positions * (6 * block + 12 * L * positions * d) + W * 6 * local)
@@ -141,7 +163,7 @@ def score(kind: str, model, windows: np.ndarray, device: torch.device, amp: bool
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for i in range(0, len(windows), 32):
             x = torch.from_numpy(windows[i : i + 32]).to(device)
-            if kind.startswith("byte_gpt"):
+            if byte_level(kind):
                 x = x.long()
                 data_bits += float(byte_nll(model(x[:, :-1]), x[:, 1:]).sum()) / LN2
             else:
@@ -169,7 +191,7 @@ def train_one(
         amp=opts["amp"],
         compile_model=opts["compile"],
     )
-    trainer = Trainer(model, cfg, objective=ByteObjective() if kind.startswith("byte_gpt") else None)
+    trainer = Trainer(model, cfg, objective=ByteObjective() if byte_level(kind) else None)
     rng = np.random.default_rng(0)
     W, B = s["window"], s["batch"]
     curve_windows = val[np.linspace(0, len(val) - 1, 48).astype(int)]
@@ -183,7 +205,7 @@ def train_one(
         sync_device(device)
         t = time.perf_counter()
         x = torch.from_numpy(batch).to(device, non_blocking=True)
-        x = x.long() if kind.startswith("byte_gpt") else byte_tensor_to_bits(x)  # bits made on the device
+        x = x.long() if byte_level(kind) else byte_tensor_to_bits(x)  # bits made on the device
         trainer.train_step([x], progress=trained_s / seconds)
         sync_device(device)
         trained_s += time.perf_counter() - t
@@ -218,6 +240,8 @@ def label(kind: str, opts: dict) -> str:
         P, L = patch_variant(kind, opts)
         depth = f", {L} layers" if len(opts["patch_layers"]) > 1 or L != opts["layers"] else ""
         return f"byte_patch (P={P}{depth}, n-grams {ngrams})"
+    if kind == "space_patch":
+        return f"space_patch (after space-like bytes, at most {opts['space_max_patch']}, n-grams {ngrams})"
     return f"byte_gpt + n-grams {ngrams}" if kind == "byte_gpt_ngram" else kind
 
 
@@ -230,12 +254,13 @@ def markdown(corpus: dict) -> str:
     ]
     for r in corpus["models"]:
         g = r["gen_bytes_per_s"]
+        gen = f"{g['sampled']:,.0f} / {g['greedy']:,.0f}" if g else "not measured (no decoding)"
         spec = (
             f"; {g['sampled_speculative']:,.0f} / {g['greedy_speculative']:,.0f}" if "greedy_speculative" in g else ""
         )
         rows.append(
             f"| {r['label']} | {r['parameters']:,} | {r['val_bpb']:.3f} | {r['val_bpb_equal_flops']:.3f} | "
-            f"{r['parity_bpb']:.3f} | {r['train_bytes_per_s']:,.0f} | {g['sampled']:,.0f} / {g['greedy']:,.0f}{spec} | {r['mfu']:.1%} |"
+            f"{r['parity_bpb']:.3f} | {r['train_bytes_per_s']:,.0f} | {gen}{spec} | {r['mfu']:.1%} |"
         )
     for name, v in corpus["compressors"].items():
         rows.append(f"| {name} (alone / given train) | | {v['alone']:.3f} / {v['conditional']:.3f} | | | | | |")
@@ -246,7 +271,7 @@ def goals(by: dict) -> dict:
     """The issue's goals for every byte_patch model of a corpus, by name."""
     if "byte_gpt" not in by:
         return {}
-    return {name: goals_of(by, bp) for name, bp in by.items() if name.startswith("byte_patch")}
+    return {name: goals_of(by, bp) for name, bp in by.items() if name.startswith(("byte_patch", "space_patch"))}
 
 
 def goals_of(by: dict, bp: dict) -> dict:
@@ -305,7 +330,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--patch-layers", default=None, help="byte_patch's global depths, comma-separated (default: --layers)"
     )
     ap.add_argument("--ngrams", default="2,3,4", help="hashed n-gram sizes (byte_patch, byte_gpt_ngram); 'none'")
-    ap.add_argument("--dropout", type=float, default=0.0, help="the bit models' dropout")
+    ap.add_argument("--dropout", type=float, default=0.0, help="the bit models' dropout (and space_patch's)")
+    ap.add_argument("--space-max-patch", type=int, default=8, help="space_patch's longest patch in bytes")
     ap.add_argument(
         "--ngram-dropout",
         type=float,
@@ -339,6 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": args.layers,
         "ngrams": [] if args.ngrams == "none" else [int(n) for n in args.ngrams.split(",")],
         "dropout": args.dropout,
+        "space_max_patch": args.space_max_patch,
         "ngram_dropout": args.ngram_dropout,
         "amp": args.amp or device.type == "cuda",
         "compile": args.compile,
@@ -365,8 +392,12 @@ def main(argv: list[str] | None = None) -> dict:
             print(
                 f"{name}: {r['label']}: val {r['val_bpb']:.3f} bpb, {r['train_bytes_per_s']:,.0f} bytes/s", flush=True
             )
-        for r, speeds in zip(results, generation_speed(trained, val[0][:64], device, args.gen_rounds)):
-            r["gen_bytes_per_s"] = speeds
+        decoding = [(r, t) for r, t in zip(results, trained) if t[0] != "space_patch"]  # it has no decoding
+        for r in results:
+            r["gen_bytes_per_s"] = {}
+        speeds = generation_speed([t for _, t in decoding], val[0][:64], device, args.gen_rounds)
+        for (r, _), speed in zip(decoding, speeds):
+            r["gen_bytes_per_s"] = speed
         for (_kind, model), r in zip(trained, results):
             if "greedy_speculative" in r["gen_bytes_per_s"]:
                 r["speculative_bytes_per_call"] = bytes_per_call(model, val[0][:64], device, args.gen_rounds)
