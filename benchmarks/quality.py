@@ -211,6 +211,7 @@ def train_one(
         trained_s += time.perf_counter() - t
         step += 1
     final = score(kind, model, val, device, opts["amp"])
+    extra = {"global_positions_per_window": model.mean_positions()} if kind == "space_patch" else {}
     curve.append({"seconds": trained_s, "step": step, **score(kind, model, curve_windows, device, opts["amp"])})
     flops = step_flops(kind, model, s)
     return {
@@ -224,6 +225,7 @@ def train_one(
         "step_flops": flops,
         "achieved_flops_per_s": flops * step / trained_s,
         "curve": curve,
+        **extra,
     }, model
 
 
