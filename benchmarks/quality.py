@@ -7,7 +7,8 @@
 For each corpus (benchmarks/corpora.py: the built-in pydoc topics, and Vim's help files from
 another domain) and one after another on the same split and the same wall-clock budget, each
 model trains with the same optimizer step (bitlm.trainer), batch, window and schedule; the bit
-models through the one objective (bitlm.objectives), the byte GPT through its own 256-way loss:
+models through the one objective (bitlm.objectives), the byte-level ones (the byte GPT,
+space_patch) through the yardstick's 256-way loss:
 
 - ``byte_gpt``: the yardstick, a plain byte-level GPT (benchmarks/byte_gpt.py);
 - ``byte_gpt_ngram``: the same with byte_patch's hashed n-gram input embeddings, the ablation
@@ -211,7 +212,9 @@ def train_one(
         trained_s += time.perf_counter() - t
         step += 1
     final = score(kind, model, val, device, opts["amp"])
-    extra = {"global_positions_per_window": model.mean_positions()} if kind == "space_patch" else {}
+    extra = {}
+    if kind == "space_patch":  # run (padded, what step_flops counts) and needed, per window
+        extra = {"global_positions_per_window": model.mean_positions(), "patches_per_window": model.mean_patches()}
     curve.append({"seconds": trained_s, "step": step, **score(kind, model, curve_windows, device, opts["amp"])})
     flops = step_flops(kind, model, s)
     return {
@@ -243,7 +246,8 @@ def label(kind: str, opts: dict) -> str:
         depth = f", {L} layers" if len(opts["patch_layers"]) > 1 or L != opts["layers"] else ""
         return f"byte_patch (P={P}{depth}, n-grams {ngrams})"
     if kind == "space_patch":
-        return f"space_patch (after space-like bytes, at most {opts['space_max_patch']}, n-grams {ngrams})"
+        drop = f", dropout {opts['dropout']}" if opts["dropout"] else ""
+        return f"space_patch (after space-like bytes, at most {opts['space_max_patch']}, n-grams {ngrams}{drop})"
     return f"byte_gpt + n-grams {ngrams}" if kind == "byte_gpt_ngram" else kind
 
 
@@ -270,7 +274,7 @@ def markdown(corpus: dict) -> str:
 
 
 def goals(by: dict) -> dict:
-    """The issue's goals for every byte_patch model of a corpus, by name."""
+    """The issue's goals for every byte_patch (and space_patch) model of a corpus, by name."""
     if "byte_gpt" not in by:
         return {}
     return {name: goals_of(by, bp) for name, bp in by.items() if name.startswith(("byte_patch", "space_patch"))}
@@ -331,14 +335,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument(
         "--patch-layers", default=None, help="byte_patch's global depths, comma-separated (default: --layers)"
     )
-    ap.add_argument("--ngrams", default="2,3,4", help="hashed n-gram sizes (byte_patch, byte_gpt_ngram); 'none'")
+    ap.add_argument(
+        "--ngrams", default="2,3,4", help="hashed n-gram sizes (byte_patch, byte_gpt_ngram, space_patch); 'none'"
+    )
     ap.add_argument("--dropout", type=float, default=0.0, help="the bit models' dropout (and space_patch's)")
     ap.add_argument("--space-max-patch", type=int, default=8, help="space_patch's longest patch in bytes")
     ap.add_argument(
         "--ngram-dropout",
         type=float,
         default=SHIPPED.resolved().ngram_dropout,
-        help="the n-gram rows' dropout (byte_patch, byte_gpt_ngram; default: configs/small.yaml's)",
+        help="the n-gram rows' dropout (byte_patch, byte_gpt_ngram, space_patch; default: configs/small.yaml's)",
     )
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (the default on CUDA)")

@@ -1,7 +1,8 @@
 """An experiment, not part of bitlm: byte_patch's design with *dynamic* patches.
 
-Patches end after space-like bytes (after SpaceByte, arXiv 2404.14408: a byte that is not an
-ASCII letter or digit and not part of a multi-byte UTF-8 character), so the global model steps
+Patches end after space-like bytes (a rule like SpaceByte's, arXiv 2404.14408: here a byte that
+is not an ASCII letter or digit, and not a byte of a multi-byte UTF-8 character, all of which
+count as letters of their word), so the global model steps
 once per word rather than once per fixed four bytes, and predicts the first byte of each word,
 the hard one, from whole words. It answers one question for benchmarks/quality.py: do such
 patches beat fixed ones at equal time? Only training and scoring exist (no decoding), and it
@@ -105,8 +106,8 @@ class SpacePatchLM(nn.Module):
                 nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * num_layers) if name.endswith("proj.weight") else 0.02)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-        # global positions run, and windows read, in training: the mean patch count for FLOPs
-        self.positions_run, self.windows_run = 0, 0
+        # in training: global positions run (FLOPs), the rows' own positions, windows read
+        self.positions_run, self.patches_read, self.windows_run = 0, 0, 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T = x.shape
@@ -116,15 +117,17 @@ class SpacePatchLM(nn.Module):
         rows = x + 256 * offset[:, :T]
         ngrams = self.ngram_emb(x)[0] if self.ngram_emb is not None else 0  # ending at each byte
         e = self.byte_emb(rows) + ngrams
-        # patch k's input at global position k + 1; the bytes of patches past M - 1 land past the end
-        g = e.new_zeros(B, M + 2, C).scatter_add_(1, (pid[:, :T] + 1).clamp(max=M + 1)[..., None].expand(-1, -1, C), e)
+        # patch k's input at global position k + 1; a row's last patch (pid[:, T] <= M, unfinished)
+        # lands at most at M + 1, past the positions run, or at a position no target of its row reads
+        g = e.new_zeros(B, M + 2, C).scatter_add_(1, (pid[:, :T] + 1)[..., None].expand(-1, -1, C), e)
         g = g[:, : M + 1]
         g = torch.cat([self.bos.expand(B, 1, C), g[:, 1:]], 1) + self.pos_emb(torch.arange(M + 1, device=x.device))
         for block in self.blocks:
             g = block(g)[0]
         h = self.ln_f(g)
         if self.training:
-            self.positions_run += B * (M + 1)
+            self.positions_run += B * (M + 1)  # what ran: every row padded to the longest
+            self.patches_read += int(pid[:, T].sum()) + B  # each row's own: its patches and the start
             self.windows_run += B
         targets = pid[:, 1:]  # the patch of each target byte u = 1..T
         c = h.gather(1, targets[..., None].expand(-1, -1, C))  # (B, T, C)
@@ -139,5 +142,11 @@ class SpacePatchLM(nn.Module):
         return self.head(c + local)
 
     def mean_positions(self) -> float:
-        """Global positions per training window so far (start vector included)."""
+        """Global positions run per training window so far (start vector included; a batch's
+        rows padded to its longest): what the FLOPs count."""
         return self.positions_run / max(1, self.windows_run)
+
+    def mean_patches(self) -> float:
+        """Global positions per training window a row needs (start vector included): the
+        window's bytes over this, less one, is the patches' mean length."""
+        return self.patches_read / max(1, self.windows_run)
