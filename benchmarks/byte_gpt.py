@@ -17,6 +17,28 @@ from bitlm.model import Block
 from bitlm.ngrams import NgramEmbedding
 
 
+def gpt_blocks(d_model: int, nhead: int, num_layers: int, dim_feedforward: int, positions: int, dropout: float):
+    """The transformer stack of a byte-level benchmark model: bitlm's own Block."""
+    cfg = ModelConfig(
+        d_model=d_model,
+        nhead=nhead,
+        num_layers=num_layers,
+        dim_feedforward=dim_feedforward,
+        max_seq_len=positions,
+        dropout=dropout,
+    )
+    return nn.ModuleList([Block(cfg) for _ in range(num_layers)])
+
+
+def init_gpt(model: nn.Module, num_layers: int) -> None:
+    """GPT-2's initialization: matrices N(0, 0.02), residual projections scaled by depth, biases 0."""
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * num_layers) if name.endswith("proj.weight") else 0.02)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+
+
 class ByteGPT(nn.Module):
     def __init__(
         self,
@@ -34,25 +56,13 @@ class ByteGPT(nn.Module):
         ablation that says how much of a difference is the n-grams and how much the bits), with
         its ``ngram_dropout``."""
         super().__init__()
-        cfg = ModelConfig(
-            d_model=d_model,
-            nhead=nhead,
-            num_layers=num_layers,
-            dim_feedforward=dim_feedforward,
-            max_seq_len=max_bytes,
-            dropout=dropout,
-        )
         self.byte_emb = nn.Embedding(256, d_model)
         self.ngram_emb = NgramEmbedding(ngram_sizes, ngram_vocab, d_model, ngram_dropout) if ngram_sizes else None
         self.pos_emb = nn.Embedding(max_bytes, d_model)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(num_layers)])
+        self.blocks = gpt_blocks(d_model, nhead, num_layers, dim_feedforward, max_bytes, dropout)
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, 256)
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * num_layers) if name.endswith("proj.weight") else 0.02)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        init_gpt(self, num_layers)
 
     def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
         """Next-byte logits (B, T, 256) for bytes (B, T)."""

@@ -25,14 +25,11 @@ then ``x + MLP(x)``, through a 256-way head.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from byte_gpt import gpt_blocks, init_gpt
 
-from bitlm.config import ModelConfig
-from bitlm.model import Block
 from bitlm.ngrams import NgramEmbedding
 from bitlm.torch_utils import gelu
 
@@ -79,21 +76,13 @@ class SpacePatchLM(nn.Module):
         ngram_dropout: float = 0.0,
     ):
         super().__init__()
-        cfg = ModelConfig(
-            d_model=d_model,
-            nhead=nhead,
-            num_layers=num_layers,
-            dim_feedforward=dim_feedforward,
-            max_seq_len=max_bytes + 1,
-            dropout=dropout,
-        )
         P, d = max_patch, d_model
         self.max_patch = P
         self.bos = nn.Parameter(torch.zeros(d))
         self.byte_emb = nn.Embedding(256 * P, d)  # (position in patch, value): the global input
         self.ngram_emb = NgramEmbedding(ngram_sizes, ngram_vocab, d, ngram_dropout) if ngram_sizes else None
         self.pos_emb = nn.Embedding(max_bytes + 1, d)  # global positions: at most one patch a byte
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(num_layers)])
+        self.blocks = gpt_blocks(d_model, nhead, num_layers, dim_feedforward, max_bytes + 1, dropout)
         self.ln_f = nn.LayerNorm(d)
         self.local_emb = nn.Embedding(256 * P, d)
         self.local_pos_emb = nn.Embedding(P, d)
@@ -101,11 +90,7 @@ class SpacePatchLM(nn.Module):
         self.local_fc = nn.Linear(d, 2 * d)
         self.local_proj = nn.Linear(2 * d, d)
         self.head = nn.Linear(d, 256)
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * num_layers) if name.endswith("proj.weight") else 0.02)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        init_gpt(self, num_layers)
         # in training: global positions run (FLOPs), the rows' own positions, windows read
         self.positions_run, self.patches_read, self.windows_run = 0, 0, 0
 

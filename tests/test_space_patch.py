@@ -111,7 +111,6 @@ def test_a_patch_is_predicted_from_the_global_output_after_the_patch_before_it()
     text = b"one two three four five six"
     x = torch.tensor(list(text))[None]
     starts = [i for i in range(1, len(text)) if text[i - 1 : i] == b" "]  # the words' first bytes
-    y = x.clone()
     with torch.no_grad():
         base = model(x)
         for s in starts:
@@ -122,7 +121,6 @@ def test_a_patch_is_predicted_from_the_global_output_after_the_patch_before_it()
 
 
 def test_training_lowers_the_loss_through_the_one_optimizer_step():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     from byte_gpt import ByteObjective
 
     model = _model()
